@@ -1,0 +1,475 @@
+"""Fused Int8 score + eligibility mask + top-k.
+
+Computes, for queries ``q f32[B, D]`` and an Int8 item matrix (``codes i8[N, D]``,
+``scale f32[N]``), the top-``k`` items by the Int8 inner product
+
+    score[b, n] = (f32(<qcodes[b], codes[n]>) * scale[n]) * qscale[b]
+
+among the items whose bit is set in an eligibility mask (``u32[W]`` shared by the batch, or
+``u32[B, W]`` one row per query; item ``n`` is bit ``n % 32`` of word ``n // 32``), where the
+queries are quantised per row on the fly (``st_jax._quant.quantize_rows``). The integer dot
+is exact in both implementations, so the kernel and its twin produce identical scores.
+
+Two implementations with one signature, :func:`int8_topk_pallas` (Pallas, Triton backend, GPU)
+and :func:`int8_topk_reference` (plain XLA, fast on CPU), and a dispatcher :func:`int8_topk`.
+
+How the kernel keeps top-k fused (never writing the ``[B, N]`` score matrix):
+
+1. **Strided tiles.** The item matrix is viewed as ``[TN, T, D]`` (``N = TN * T``): grid step
+   ``(i, t)`` scores query block ``i`` against items ``{j * T + t : j < TN}``. Neighbouring
+   items (same cluster, same category) fall into different tiles, so the true top-k is spread
+   thinly over the tiles whatever the storage order.
+2. **Per-tile top-m.** Each grid step keeps only its ``m`` best eligible items per query
+   (``m`` rounds of max-and-mask in registers) and writes ``f32/i32[B, T, m]`` candidates:
+   ``m / TN`` of the score matrix (1/32 with the defaults).
+3. **Merge + exactness check.** ``lax.top_k`` merges the ``T * m`` candidates. Let ``tau`` be the
+   k-th merged score. A tile whose m-th candidate is ``>= tau`` is *saturated*: it may hold more
+   top-k items than it reported. If no tile is saturated the result is exactly the top-k
+   (every true top-k item scores ``>= tau`` and sits in an unsaturated tile, hence among its
+   tile's top ``m - 1``). Otherwise the kernel is re-run with a larger ``m`` inside a
+   ``lax.cond`` (only on that rare path), and finally with ``m = TN`` (all scores, exact by
+   construction). Results are therefore always exact; the common path reads the items once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from st_jax._quant import quantize_rows
+
+NEG_INF = float("-inf")
+MAX_K = 1 << 16
+
+
+def _pow2_ceil(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tunables of the Pallas kernel (all powers of two).
+
+    Attributes:
+      block_q: queries per grid step (Triton dot needs >= 16).
+      block_n: items per tile ``TN`` (>= 16).
+      block_d: feature chunk of the in-kernel dot loop (>= 32, divides the padded D).
+      min_candidates: smallest per-tile candidate count ``m``.
+      escalation: factor by which ``m`` grows on the (rare) saturated path.
+      num_warps, num_stages: Triton compiler parameters.
+    """
+
+    block_q: int = 16
+    block_n: int = 256
+    block_d: int = 128
+    min_candidates: int = 8
+    escalation: int = 8
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# --------------------------------------------------------------------------------------
+# validation shared by both implementations
+# --------------------------------------------------------------------------------------
+
+def _check_inputs(q, codes, scale, mask, k):
+    if q.ndim != 2:
+        raise ValueError(f"queries must be 2-D [B, D]; got shape {q.shape}")
+    if codes.ndim != 2 or codes.dtype != jnp.int8:
+        raise ValueError(f"codes must be i8[N, D]; got {codes.dtype}{list(codes.shape)}")
+    n, d = codes.shape
+    if q.shape[1] != d:
+        raise ValueError(f"queries have D={q.shape[1]} but items have D={d}; expected [B, {d}]")
+    if scale.shape != (n,):
+        raise ValueError(f"scale must be f32[{n}]; got shape {scale.shape}")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"queries must be f32 or bf16; got {q.dtype}")
+    w = -(-n // 32)
+    if mask is not None:
+        if mask.dtype != jnp.uint32:
+            raise ValueError(f"mask must be uint32 words; got {mask.dtype}")
+        if mask.shape not in ((w,), (q.shape[0], w)):
+            raise ValueError(
+                f"mask must be u32[{w}] or u32[{q.shape[0]}, {w}] for N={n}; got {mask.shape}")
+    if not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be an int in [1, {MAX_K}]; got {k!r}")
+
+
+def unpack_mask(mask: jax.Array, n: int) -> jax.Array:
+    """``u32[..., W]`` → ``bool[..., n]`` (bit ``i % 32`` of word ``i // 32``)."""
+    bits = (mask[..., :, None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
+    return bits.reshape(*mask.shape[:-1], -1)[..., :n].astype(bool)
+
+
+def pack_mask(allow: jax.Array) -> jax.Array:
+    """``bool[..., N]`` → ``u32[..., ceil(N / 32)]`` (padding bits are 0)."""
+    n = allow.shape[-1]
+    w = -(-n // 32)
+    pad = [(0, 0)] * (allow.ndim - 1) + [(0, w * 32 - n)]
+    bits = jnp.pad(allow.astype(jnp.uint32), pad).reshape(*allow.shape[:-1], w, 32)
+    return jnp.sum(bits << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+
+
+def _finish(vals: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Pad invalid entries: ids -1 where the score is -inf."""
+    return vals, jnp.where(vals > NEG_INF, idx, -1).astype(jnp.int32)
+
+
+def _pad_k(vals, idx, k):
+    """Top-k over fewer than k candidates: pad to k columns."""
+    c = vals.shape[1]
+    if c >= k:
+        return vals, idx
+    return (jnp.pad(vals, ((0, 0), (0, k - c)), constant_values=NEG_INF),
+            jnp.pad(idx, ((0, 0), (0, k - c)), constant_values=-1))
+
+
+# --------------------------------------------------------------------------------------
+# plain-XLA twin (fast on CPU)
+# --------------------------------------------------------------------------------------
+
+_EXACT_F32_D = 1024  # 127 * 127 * 1024 < 2**24: an f32 dot of int8 codes is exact up to here
+
+
+def _int_dot_f32(qc: jax.Array, codes: jax.Array) -> jax.Array:
+    """Exact integer dot ``f32[B, C]`` of ``i8[B, D]`` and ``i8[C, D]`` via f32 matmuls.
+
+    XLA's int8 dot on CPU is ~2x slower than converting to f32 (measured); products of
+    int8 codes summed over <= 1024 features are exact in f32, longer rows are split into
+    exact f32 partial sums that are added in int32.
+    """
+    d = qc.shape[1]
+    qf = qc.astype(jnp.float32)
+    cf = codes.astype(jnp.float32)
+    if d <= _EXACT_F32_D:
+        return lax.dot_general(qf, cf, (((1,), (1,)), ((), ())))
+    acc = None
+    for s in range(0, d, _EXACT_F32_D):
+        part = lax.dot_general(qf[:, s:s + _EXACT_F32_D], cf[:, s:s + _EXACT_F32_D],
+                               (((1,), (1,)), ((), ()))).astype(jnp.int32)
+        acc = part if acc is None else acc + part
+    return acc.astype(jnp.float32)
+
+
+def int8_scores_reference(q, codes, scale, mask=None, *, num_valid=None):
+    """All masked Int8 scores ``f32[B, N]`` (-inf where ineligible). Test/debug helper."""
+    n = codes.shape[0]
+    num_valid = n if num_valid is None else num_valid
+    qc, qs = quantize_rows(q)
+    s = (_int_dot_f32(qc, codes) * scale[None, :]) * qs[:, None]
+    ok = jnp.arange(n) < num_valid
+    if mask is not None:
+        ok = ok & unpack_mask(mask, n)
+    return jnp.where(ok, s, NEG_INF)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "num_valid", "chunk", "fanout"))
+def int8_topk_reference(q, codes, scale, mask=None, *, k: int, num_valid: int | None = None,
+                        chunk: int = 8192, fanout: int = 16):
+    """Plain-XLA twin of :func:`int8_topk_pallas`, formulated to be fast on CPU.
+
+    Args:
+      q: ``f32[B, D]`` or ``bf16[B, D]`` queries (quantised per row inside).
+      codes: ``i8[N, D]``; scale: ``f32[N]``.
+      mask: ``u32[W]``, ``u32[B, W]`` (``W = ceil(N / 32)``) or None (all eligible).
+      k: results per query, ``1 <= k``; ``k > N`` allowed (padded).
+      num_valid: items ``>= num_valid`` are padding and never returned.
+      chunk: items converted to f32 per step (bounded temporaries).
+      fanout: branching factor of the exact hierarchical top-k.
+    Returns:
+      ``(scores f32[B, k], ids i32[B, k])``, best first, ``-inf`` / ``-1`` padded.
+
+    Algorithm: scores are computed chunk by chunk, slicing the item matrix in place (the
+    int8 → f32 conversion stays in cache), together with the maxima of groups of ``fanout``
+    and ``fanout**2`` consecutive items. Then an exact hierarchical top-k: the k best large
+    groups by maximum, the k best of their sub-groups, the k best of those items. Every true
+    top-k item lies in a selected group at each level, since its group's maximum is at least
+    its score (ties at the k-th value aside). Each ``top_k`` sees ``k * fanout`` values instead
+    of N: several times cheaper than one ``lax.top_k`` over all N on CPU.
+    """
+    _check_inputs(q, codes, scale, mask, k)
+    n, d = codes.shape
+    num_valid = n if num_valid is None else num_valid
+    b = q.shape[0]
+    qc, qs = quantize_rows(q)
+    leaf = fanout * fanout
+    c = max(leaf, min(_pow2_ceil(chunk), _pow2_ceil(n)))
+    if n < c:   # small input: one padded chunk (cheap copy)
+        codes = jnp.pad(codes, ((0, c - n), (0, 0)))
+        scale = jnp.pad(scale, (0, c - n))
+    n_items = codes.shape[0]
+    nc = -(-n_items // c)
+    ok_all = jnp.arange(n_items) < num_valid
+    if mask is not None:
+        ok_all = ok_all & unpack_mask(jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [
+            (0, -(-n_items // 32) - mask.shape[-1])]), n_items)
+    ok_all = jnp.broadcast_to(ok_all, (b, n_items)) if ok_all.ndim == 2 else ok_all
+
+    def body(_, i):
+        # chunks slice the arrays in place; the last one is shifted back to fit and its
+        # items already covered by the previous chunk are masked out.
+        start = jnp.minimum(i * c, n_items - c)
+        cc = lax.dynamic_slice_in_dim(codes, start, c, 0)
+        sc = lax.dynamic_slice_in_dim(scale, start, c, 0)
+        ok = lax.dynamic_slice_in_dim(ok_all, start, c, ok_all.ndim - 1)
+        ok = ok & (start + jnp.arange(c) >= i * c)
+        s = jnp.where(ok, (_int_dot_f32(qc, cc) * sc[None, :]) * qs[:, None], NEG_INF)
+        g1 = jnp.max(s.reshape(b, c // fanout, fanout), axis=-1)
+        g2 = jnp.max(g1.reshape(b, c // leaf, fanout), axis=-1)
+        return None, (s, g1, g2, start)
+
+    _, (s, g1, g2, starts) = lax.scan(body, None, jnp.arange(nc))  # [nc, B, c], ..., [nc]
+    if nc * (c // leaf) <= k:   # too few groups to pre-select: plain top_k over everything
+        flat = jnp.moveaxis(s, 0, 1).reshape(b, nc * c)
+        vals, pos = lax.top_k(flat, min(k, nc * c))
+        idx = starts[pos // c] + pos % c
+        return _pad_k(*_finish(vals, idx), k)
+    # level 2: the k best groups of `leaf` items; level 1: their k best sub-groups; level 0.
+    rows = jnp.arange(b)[:, None]
+    g2f = jnp.moveaxis(g2, 0, 1).reshape(b, -1)
+    _, top2 = lax.top_k(g2f, k)                                              # [B, k]
+    ch, w2 = top2 // (c // leaf), top2 % (c // leaf)
+    cand1 = g1.reshape(nc, b, c // leaf, fanout)[ch, rows, w2].reshape(b, k * fanout)
+    _, p1 = lax.top_k(cand1, k)
+    ch1 = jnp.take_along_axis(ch, p1 // fanout, axis=1)
+    w1 = jnp.take_along_axis(w2, p1 // fanout, axis=1) * fanout + p1 % fanout  # group in chunk
+    cand0 = s.reshape(nc, b, c // fanout, fanout)[ch1, rows, w1].reshape(b, k * fanout)
+    vals, p0 = lax.top_k(cand0, k)
+    ch0 = jnp.take_along_axis(ch1, p0 // fanout, axis=1)
+    within = jnp.take_along_axis(w1, p0 // fanout, axis=1) * fanout + p0 % fanout
+    return _finish(vals, starts[ch0] + within)
+
+
+# --------------------------------------------------------------------------------------
+# Pallas kernel (Triton backend)
+# --------------------------------------------------------------------------------------
+
+def _topk_tile_kernel(qc_ref, qs_ref, x_ref, xs_ref, mask_ref, ov_ref, oi_ref, *,
+                      num_tiles: int, num_valid: int, block_d: int, m: int,
+                      per_query_mask: bool):
+    """One grid step: query block ``i`` × strided item tile ``t``.
+
+    Refs (block shapes):
+      qc_ref i8[BQ, Dp], qs_ref f32[BQ], x_ref i8[TN, Dp] (items j*T + t), xs_ref f32[TN],
+      mask_ref u32[W] or u32[Bp, W] (whole array, gathered by index),
+      ov_ref f32[BQ, m], oi_ref i32[BQ, m] (this tile's candidates).
+    """
+    i, t = pl.program_id(0), pl.program_id(1)
+    bq, dp = qc_ref.shape
+    tn = x_ref.shape[0]
+
+    acc = jnp.zeros((bq, tn), jnp.int32)
+    for d0 in range(0, dp, block_d):  # static: a handful of chunks
+        acc += jnp.dot(qc_ref[:, pl.ds(d0, block_d)], x_ref[:, pl.ds(d0, block_d)].T,
+                       preferred_element_type=jnp.int32)
+    s = (acc.astype(jnp.float32) * xs_ref[...][None, :]) * qs_ref[...][:, None]
+
+    j = lax.broadcasted_iota(jnp.int32, (bq, tn), 1)
+    item = j * num_tiles + t                                           # storage index
+    if per_query_mask:
+        row = i * bq + lax.broadcasted_iota(jnp.int32, (bq, tn), 0)
+        words = mask_ref[row, item >> 5]
+        ok = (((words >> (item & 31).astype(jnp.uint32)) & jnp.uint32(1)) == 1)
+    else:
+        item1 = lax.broadcasted_iota(jnp.int32, (tn,), 0) * num_tiles + t
+        words1 = mask_ref[item1 >> 5]
+        ok = ((((words1 >> (item1 & 31).astype(jnp.uint32)) & jnp.uint32(1)) == 1)[None, :])
+    ok = ok & (item < num_valid)
+    s = jnp.where(ok, s, NEG_INF)
+
+    if m == tn:  # full tile: candidates are the scores themselves
+        ov_ref[...] = s
+        oi_ref[...] = jnp.where(ok, item, -1)
+        return
+    col = lax.broadcasted_iota(jnp.int32, (bq, m), 1)
+    vals = jnp.full((bq, m), NEG_INF, jnp.float32)
+    ids = jnp.full((bq, m), -1, jnp.int32)
+    for r in range(m):  # m rounds of max-and-mask
+        mx = jnp.max(s, axis=1)
+        pos = jnp.min(jnp.where(s == mx[:, None], j, tn), axis=1)
+        hit = mx > NEG_INF
+        vals = jnp.where(col == r, mx[:, None], vals)
+        ids = jnp.where(col == r, jnp.where(hit, pos * num_tiles + t, -1)[:, None], ids)
+        s = jnp.where(j == pos[:, None], NEG_INF, s)
+    ov_ref[...] = vals
+    oi_ref[...] = ids
+
+
+def _tile_candidates(qc, qs, codes, scale, mask, *, m, num_valid, bs: BlockSizes,
+                     interpret: bool):
+    """Runs the kernel: ``(f32[Bp, T, m], i32[Bp, T, m])`` candidates per query and tile."""
+    from jax.experimental.pallas import triton as pltriton
+
+    bp, dp = qc.shape
+    n = codes.shape[0]
+    tn = bs.block_n
+    t = n // tn
+    x3 = codes.reshape(tn, t, dp)          # item j*T + t  ->  x3[j, t]
+    s2 = scale.reshape(tn, t)
+    per_query = mask.ndim == 2
+    kernel = functools.partial(_topk_tile_kernel, num_tiles=t, num_valid=num_valid,
+                               block_d=min(bs.block_d, dp), m=m, per_query_mask=per_query)
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+        kernel,
+        grid=(bp // bs.block_q, t),
+        in_specs=[
+            pl.BlockSpec((bs.block_q, dp), lambda i, j: (i, 0)),
+            pl.BlockSpec((bs.block_q,), lambda i, j: (i,)),
+            pl.BlockSpec((tn, None, dp), lambda i, j: (0, j, 0)),
+            pl.BlockSpec((tn, None), lambda i, j: (0, j)),
+            any_spec,
+        ],
+        out_specs=[
+            pl.BlockSpec((bs.block_q, None, m), lambda i, j: (i, j, 0)),
+            pl.BlockSpec((bs.block_q, None, m), lambda i, j: (i, j, 0)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((bp, t, m), jnp.float32),
+                   jax.ShapeDtypeStruct((bp, t, m), jnp.int32)],
+        compiler_params=pltriton.CompilerParams(num_warps=bs.num_warps,
+                                                num_stages=bs.num_stages),
+        interpret=interpret,
+        name=f"int8_topk_m{m}",
+    )(qc, qs, x3, s2, mask)
+
+
+def padded_dim(d: int) -> int:
+    """Feature width the kernel works on: a power of two >= 32 up to 128, else a multiple
+    of 32 (the in-kernel dot loops over power-of-two chunks of it)."""
+    return max(32, _pow2_ceil(d)) if d <= 128 else -(-d // 32) * 32
+
+
+def padded_rows(n: int, align: int = 1024) -> int:
+    """Item rows the index stores: a multiple of ``align`` (>= align), so every kernel
+    tile size up to ``align`` divides it and no per-call padding copy is needed."""
+    return max(align, -(-n // align) * align)
+
+
+def _pad_for_kernel(q, codes, scale, mask, bs: BlockSizes):
+    """Pads queries/items/features to the kernel's power-of-two blocks (a copy only when the
+    caller did not pre-pad; ``st_jax.build_index`` stores items pre-padded)."""
+    b, d = q.shape
+    n = codes.shape[0]
+    dp = padded_dim(d)
+    bd = min(bs.block_d, dp & -dp)   # largest power of two dividing dp, capped
+    tn = bs.block_n
+    n_pad = max(-(-n // tn) * tn, tn)
+    bp = -(-b // bs.block_q) * bs.block_q
+    w_pad = n_pad // 32
+    if (n_pad, dp) != codes.shape:
+        codes = jnp.pad(codes, ((0, n_pad - n), (0, dp - d)))
+        scale = jnp.pad(scale, (0, n_pad - n))
+    q = jnp.pad(q, ((0, bp - b), (0, dp - d)))
+    if mask is None:
+        mask = jnp.full((w_pad,), 0xFFFFFFFF, jnp.uint32)
+    elif mask.ndim == 1:
+        mask = jnp.pad(mask, (0, w_pad - mask.shape[0]))
+    else:
+        mask = jnp.pad(mask, ((0, bp - b), (0, w_pad - mask.shape[1])))
+    return q, codes, scale, mask, dataclasses.replace(bs, block_d=bd)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "num_valid", "block_sizes", "interpret",
+                                             "exact"))
+def int8_topk_pallas(q, codes, scale, mask=None, *, k: int, num_valid: int | None = None,
+                     block_sizes: BlockSizes = BlockSizes(), interpret: bool = False,
+                     exact: bool = True):
+    """Pallas implementation; same contract as :func:`int8_topk_reference`.
+
+    Args (beyond the twin's):
+      block_sizes: kernel tunables.
+      interpret: run the kernel in Pallas interpret mode (CPU testing).
+      exact: if False, skip the saturation re-runs (one pass; may miss items from a tile
+        holding more than ``m - 1`` of the top-k — use ``saturation_rate`` to measure).
+    """
+    _check_inputs(q, codes, scale, mask, k)
+    b = q.shape[0]
+    n_real = codes.shape[0]
+    num_valid = n_real if num_valid is None else min(num_valid, n_real)
+    bs = block_sizes
+    q, codes, scale, mask, bs = _pad_for_kernel(q, codes, scale, mask, bs)
+    qc, qs = quantize_rows(q)
+    tn = bs.block_n
+    t = codes.shape[0] // tn
+    kk = min(k, t * tn)
+
+    def run(m):
+        v, ids = _tile_candidates(qc, qs, codes, scale, mask, m=m, num_valid=num_valid,
+                                  bs=bs, interpret=interpret)
+        flat_v = v.reshape(v.shape[0], -1)
+        top_v, pos = lax.top_k(flat_v, kk)
+        top_i = jnp.take_along_axis(ids.reshape(ids.shape[0], -1), pos, axis=1)
+        tau = top_v[:, kk - 1]
+        last = v[:, :, m - 1]
+        saturated = (last > NEG_INF) & (last >= tau[:, None]) if m < tn else jnp.zeros_like(last, bool)
+        return top_v, top_i, jnp.any(saturated[:b])
+
+    m0 = min(tn, max(bs.min_candidates, _pow2_ceil(-(-2 * kk // t))))
+    ladder = [m0]
+    while exact and ladder[-1] < tn:
+        ladder.append(min(tn, ladder[-1] * bs.escalation))
+
+    def attempt(level):
+        v, i, sat = run(ladder[level])
+        if level + 1 == len(ladder):
+            return v, i
+        return lax.cond(sat, lambda: attempt(level + 1), lambda: (v, i))
+
+    vals, idx = attempt(0)
+    vals, idx = _finish(vals[:b], idx[:b])
+    return _pad_k(vals, idx, k)
+
+
+def saturation_rate(q, codes, scale, mask=None, *, k: int, num_valid: int | None = None,
+                    block_sizes: BlockSizes = BlockSizes(), interpret: bool = False):
+    """Fraction of queries whose first kernel pass was saturated (needed a re-run)."""
+    b = q.shape[0]
+    n_real = codes.shape[0]
+    num_valid = n_real if num_valid is None else num_valid
+    q, codes, scale, mask, bs = _pad_for_kernel(q, codes, scale, mask, block_sizes)
+    qc, qs = quantize_rows(q)
+    tn = bs.block_n
+    t = codes.shape[0] // tn
+    kk = min(k, t * tn)
+    m0 = min(tn, max(bs.min_candidates, _pow2_ceil(-(-2 * kk // t))))
+    v, _ = _tile_candidates(qc, qs, codes, scale, mask, m=m0, num_valid=num_valid, bs=bs,
+                            interpret=interpret)
+    tau = lax.top_k(v.reshape(v.shape[0], -1), kk)[0][:, kk - 1]
+    last = v[:, :, m0 - 1]
+    sat = (last > NEG_INF) & (last >= tau[:, None]) if m0 < tn else jnp.zeros_like(last, bool)
+    return jnp.mean(jnp.any(sat[:b], axis=1).astype(jnp.float32))
+
+
+# --------------------------------------------------------------------------------------
+# dispatcher
+# --------------------------------------------------------------------------------------
+
+BACKENDS = ("auto", "xla", "pallas", "interpret")
+
+
+def int8_topk(q, codes, scale, mask=None, *, k: int, num_valid: int | None = None,
+              backend: str = "auto", block_sizes: BlockSizes = BlockSizes()):
+    """Masked Int8 top-k: the Pallas kernel on GPU, the XLA twin elsewhere.
+
+    ``backend``: ``"auto"`` (``lax.platform_dependent``: kernel when lowered for CUDA, twin
+    otherwise — so an export for ``cuda`` from a CPU host gets the kernel), ``"xla"``,
+    ``"pallas"``, ``"interpret"``. Returns ``(scores f32[B, k], ids i32[B, k])``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    twin = functools.partial(int8_topk_reference, k=k, num_valid=num_valid)
+    kern = functools.partial(int8_topk_pallas, k=k, num_valid=num_valid,
+                             block_sizes=block_sizes)
+    if backend == "xla":
+        return twin(q, codes, scale, mask)
+    if backend == "pallas":
+        return kern(q, codes, scale, mask)
+    if backend == "interpret":
+        return kern(q, codes, scale, mask, interpret=True)
+    return lax.platform_dependent(q, codes, scale, mask,
+                                  cuda=lambda *a: kern(*a), default=lambda *a: twin(*a))

@@ -1,0 +1,18 @@
+"""st_jax — SilverTorch in JAX: filtered Int8 retrieval as a served model.
+
+Public API (kept small):
+
+    import st_jax as st
+    index = st.build_index(embeddings)                 # f32[N, D] -> Index
+    res = st.search(index, queries, k, allow=None)     # -> SearchResult(ids, scores, count)
+"""
+from st_jax._index import Index, build_index
+from st_jax._quant import dequantize, quantize_int8, score_error_bound
+from st_jax._search import search
+from st_jax._types import Int8Matrix, SearchResult
+
+__all__ = [
+    "Index", "Int8Matrix", "SearchResult", "build_index", "dequantize", "quantize_int8",
+    "score_error_bound", "search",
+]
+__version__ = "0.1.0"

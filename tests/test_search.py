@@ -1,0 +1,132 @@
+"""The public API: st.build_index / st.search."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import st_jax as st
+from st_jax import _search
+
+from .conftest import clustered
+from .test_int8_topk import brute_force, ids_match
+
+
+@pytest.fixture
+def small(rng):
+    x = clustered(rng, 3000, 40)
+    return x, st.build_index(x), rng.standard_normal((6, 40)).astype(np.float32)
+
+
+def test_search_matches_brute_force(small, rng):
+    x, index, q = small
+    allow = rng.random(3000) < 0.3
+    res = st.search(index, q, 25, allow)
+    assert res.ids.shape == (6, 25) and res.scores.dtype == jnp.float32
+    ids_match((res.scores, res.ids), brute_force(q, st.quantize_int8(x), allow, 25))
+    np.testing.assert_array_equal(np.asarray(res.count), 25)
+    assert allow[np.asarray(res.ids)].all()
+
+
+def test_per_query_allow_and_packed_words(small, rng):
+    x, index, q = small
+    allow = rng.random((6, 3000)) < 0.1
+    res = st.search(index, q, 10, allow)
+    words = _search.eligibility_words(index, allow, 6)
+    assert words.shape == (6, index.num_words)
+    res2 = st.search(index, q, 10, words)
+    np.testing.assert_array_equal(np.asarray(res.ids), np.asarray(res2.ids))
+    for b in range(6):
+        assert allow[b, np.asarray(res.ids[b])].all()
+
+
+def test_fewer_eligible_than_k_pads(small):
+    x, index, q = small
+    allow = np.zeros(3000, bool)
+    allow[[5, 77, 2999]] = True
+    res = st.search(index, q, 8, allow)
+    np.testing.assert_array_equal(np.asarray(res.count), 3)
+    ids = np.asarray(res.ids)
+    assert (np.sort(ids[:, :3], axis=1) == [5, 77, 2999]).all()
+    assert (ids[:, 3:] == -1).all() and np.isneginf(np.asarray(res.scores)[:, 3:]).all()
+
+
+def test_k_larger_than_catalogue(rng):
+    x = rng.standard_normal((10, 8)).astype(np.float32)
+    res = st.search(st.build_index(x), x[:2], 4096)
+    assert res.ids.shape == (2, 4096)
+    np.testing.assert_array_equal(np.asarray(res.count), 10)
+    assert sorted(np.asarray(res.ids)[0, :10]) == list(range(10))
+
+
+def test_external_ids(small):
+    x, _, q = small
+    ext = np.arange(3000) * 7 + 1_000_000
+    index = st.build_index(x, ids=ext)
+    res = st.search(index, q, 5)
+    rows = st.search(st.build_index(x), q, 5).ids
+    np.testing.assert_array_equal(np.asarray(res.ids), ext[np.asarray(rows)])
+
+
+def test_sparse_path_equals_dense(rng):
+    """Selective filters use a compacted sub-matrix; results must equal the dense scan."""
+    n = 70_000
+    x = rng.standard_normal((n, 16)).astype(np.float32)
+    index = st.build_index(x)
+    assert _search._sparse_caps(index.num_rows)
+    q = rng.standard_normal((3, 16)).astype(np.float32)
+    m = st.quantize_int8(x)
+    for p, per_query in [(0.001, False), (0.01, True), (0.05, False), (0.5, False)]:
+        allow = rng.random((3, n) if per_query else n) < p
+        res = st.search(index, q, 50, allow)
+        ids_match((res.scores, res.ids), brute_force(q, m, allow, 50))
+
+
+def test_search_under_jit(small):
+    x, index, q = small
+    f = jax.jit(lambda idx, q: st.search(idx, q, 7))
+    a, b = f(index, q), st.search(index, q, 7)
+    np.testing.assert_array_equal(np.asarray(a.ids), np.asarray(b.ids))
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(queries=np.ones((2, 39), np.float32)), r"\[B, 40\]"),
+    (dict(queries=np.ones(40, np.float32)), "queries\\[None, :\\]"),
+    (dict(queries=np.ones((2, 40), np.int32)), "f32 or bf16"),
+    (dict(k=0), "k must be"), (dict(k=2.5), "k must be"),
+    (dict(allow=np.ones(2999, bool)), r"bool\[3000\]"),
+    (dict(allow=np.ones(3000, np.int8)), "dtype"),
+    (dict(backend="cuda"), "backend"),
+])
+def test_bad_input(small, kwargs, msg):
+    _, index, q = small
+    args = dict(queries=q, k=5, allow=None) | kwargs
+    backend = args.pop("backend", "auto")
+    with pytest.raises(ValueError, match=msg):
+        st.search(index, args["queries"], args["k"], args["allow"], backend=backend)
+
+
+def test_nan_queries_named(small):
+    _, index, q = small
+    q = q.copy()
+    q[4, 0] = np.nan
+    with pytest.raises(ValueError, match=r"rows \[4\]"):
+        st.search(index, q, 3)
+
+
+def test_build_index_errors(rng):
+    with pytest.raises(ValueError, match="non-empty 2-D"):
+        st.build_index(np.zeros((0, 4), np.float32))
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="unique"):
+        st.build_index(x, ids=[1, 2, 2, 3, 4])
+    with pytest.raises(ValueError, match="shape"):
+        st.build_index(x, ids=[1, 2])
+    x[2, 1] = np.inf
+    with pytest.raises(ValueError, match="1 row\\(s\\): 2"):
+        st.build_index(x)
+
+
+def test_bytes_per_item(small):
+    _, index, _ = small
+    # codes (40 padded to 64) + scale, rows padded to 3072
+    assert index.bytes_per_item() == pytest.approx(3072 * (64 + 4) / 3000)
