@@ -7,7 +7,7 @@ Computes, for queries ``q f32[B, D]`` and an Int8 item matrix (``codes i8[N, D]`
 
 among the items whose bit is set in an eligibility mask (``u32[W]`` shared by the batch, or
 ``u32[B, W]`` one row per query; item ``n`` is bit ``n % 32`` of word ``n // 32``), where the
-queries are quantised per row on the fly (``st_jax._quant.quantize_rows``). The integer dot
+queries are quantised per row on the fly (:func:`quantize_rows`). The integer dot
 is exact in both implementations, so the kernel and its twin produce identical scores.
 
 Two implementations with one signature, :func:`int8_topk_pallas` (Pallas, Triton backend, GPU)
@@ -34,17 +34,33 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from st_jax._quant import quantize_rows
-
 NEG_INF = float("-inf")
 MAX_K = 1 << 16
+
+
+QMAX = 127
+
+
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Jittable per-row symmetric quantisation (no validation).
+
+    Args:
+      x: ``f32[N, D]`` or ``bf16[N, D]``, assumed finite.
+    Returns:
+      ``(codes i8[N, D], scale f32[N])``.
+    """
+    x = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-1)
+    scale = amax / QMAX
+    safe = jnp.where(scale > 0, scale, 1.0)
+    codes = jnp.clip(jnp.round(x / safe[..., None]), -QMAX, QMAX).astype(jnp.int8)
+    return codes, scale
 
 
 def _pow2_ceil(x: int) -> int:

@@ -12,25 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.int8_topk import QMAX, quantize_rows
 from st_jax._types import Int8Matrix
 
-QMAX = 127
-
-
-def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Jittable per-row symmetric quantisation (no validation).
-
-    Args:
-      x: ``f32[N, D]`` or ``bf16[N, D]``, assumed finite.
-    Returns:
-      ``(codes i8[N, D], scale f32[N])``.
-    """
-    x = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x), axis=-1)
-    scale = amax / QMAX
-    safe = jnp.where(scale > 0, scale, 1.0)
-    codes = jnp.clip(jnp.round(x / safe[..., None]), -QMAX, QMAX).astype(jnp.int8)
-    return codes, scale
+__all__ = ["QMAX", "dequantize", "quantize_int8", "quantize_rows", "score_error_bound"]
 
 
 def _check_finite_rows(x: np.ndarray, what: str) -> None:
