@@ -7,43 +7,55 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.int8_topk import padded_dim, padded_rows
+from pallas_kernels.int8_topk import pack_mask, padded_dim, padded_rows
+from st_jax._ivf import IVF, balanced_kmeans, ivf_layout, probe_caps
 from st_jax._quant import quantize_int8
 from st_jax._types import Int8Matrix, _static, pytree_dataclass
+
+CACHE_DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
 
 
 @pytree_dataclass
 class Index:
     """A searchable item index.
 
-    Items are stored padded (rows to a multiple of 1024, features to the kernel's width) so
-    no search call copies them; padded rows have zero codes and scale and are never returned.
+    Items are stored in *rows*: padded (rows to a multiple of 1024, features to the kernel's
+    width) so no search copies them, and cluster-major when the index has an IVF layer. Every
+    public result speaks in the caller's ids; rows are internal.
 
     Attributes:
-      items: :class:`Int8Matrix` with ``codes i8[n_pad, d_pad]``, ``scale f32[n_pad]``.
-      ids: ``i32[N]`` (or ``i64[N]`` with ``jax_enable_x64``) external ids, or None when the
-        ids are the row positions ``0..N-1``.
-      num_items: N, the number of real items (static).
-      dim: D, the embedding width callers use (static).
+      items: :class:`Int8Matrix` with ``codes i8[n_rows, d_pad]``, ``scale f32[n_rows]``.
+      ids: ``i32[N]`` external ids by original position (``i64`` with ``jax_enable_x64``),
+        or None: the ids are the positions ``0..N-1``.
+      perm: ``i32[n_rows]`` original position stored at each row (-1 for holes), or None:
+        row r holds item r.
+      live: ``u32[n_rows // 32]`` bits of the rows holding real items, or None: the first N.
+      ivf: :class:`~st_jax._ivf.IVF` or None (flat index).
+      cache: ``bf16/f32[n_rows, D]`` float embeddings for exact re-ranking, or None.
+      num_items: N (static); dim: D (static).
     """
 
     items: Int8Matrix
-    ids: Any
-    num_items: int = _static()
-    dim: int = _static()
+    ids: Any = None
+    perm: Any = None
+    live: Any = None
+    ivf: Any = None
+    cache: Any = None
+    num_items: int = _static(default=0)
+    dim: int = _static(default=0)
 
     @property
     def num_rows(self) -> int:
-        """Stored (padded) rows, ``n_pad``."""
+        """Stored (padded) rows, ``n_rows``."""
         return int(self.items.codes.shape[0])
 
     @property
     def num_words(self) -> int:
-        """u32 words of an eligibility mask over this index: ``n_pad // 32``."""
+        """u32 words of an eligibility mask over the rows: ``n_rows // 32``."""
         return self.num_rows // 32
 
     def bytes_per_item(self) -> float:
-        """Index memory per real item (codes + scale + ids)."""
+        """Index memory per real item (all arrays: codes, scales, ids, IVF, cache)."""
         leaves = jax.tree_util.tree_leaves(self)
         return sum(x.size * x.dtype.itemsize for x in leaves) / max(self.num_items, 1)
 
@@ -69,24 +81,65 @@ def _check_ids(ids, n: int):
     return jnp.asarray(arr.astype(np.int64))
 
 
-def build_index(embeddings, *, ids=None) -> Index:
-    """Builds a flat Int8 index.
+def build_index(embeddings, *, ids=None, num_clusters: int = 0, ivf_block: int = 64,
+                balance: float | None = 2.0, store_embeddings: str | None = None,
+                seed: int = 0, progress: bool = False) -> Index:
+    """Builds an Int8 index, flat or IVF.
 
     Args:
       embeddings: ``f32[N, D]`` item embeddings (array-like, finite).
-      ids: optional ``int[N]`` unique external ids (returned by search instead of rows).
+      ids: optional ``int[N]`` unique external ids (returned by search instead of positions).
+      num_clusters: 0 (default) keeps the flat index; C > 0 adds an IVF layer with C k-means
+        clusters (rule of thumb: C ≈ 4·sqrt(N) to N / 1000; see the README).
+      ivf_block: items per IVF block (multiple of 32): the unit the probe reads.
+      balance: clusters larger than ``balance * N / C`` are split (None: never).
+      store_embeddings: ``"bf16"`` or ``"f32"`` keeps float embeddings for exact re-ranking
+        (``search(..., rerank=R)``); None keeps Int8 only.
+      seed: k-means seed; progress: show progress bars for long builds.
     Returns:
       :class:`Index`.
     Raises:
-      ValueError: wrong shape/dtype, NaN/Inf rows (named), bad ids.
+      ValueError: wrong shape/dtype, NaN/Inf rows (named), bad ids or options.
     """
     x = np.asarray(embeddings)
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"embeddings must be a non-empty 2-D array f32[N, D]; got shape {x.shape}")
+    if store_embeddings not in (None, *CACHE_DTYPES):
+        raise ValueError(f"store_embeddings must be None, 'bf16' or 'f32'; got {store_embeddings!r}")
     n, d = x.shape
-    m = quantize_int8(x)
-    n_pad, d_pad = padded_rows(n), padded_dim(d)
-    items = Int8Matrix(codes=jnp.pad(m.codes, ((0, n_pad - n), (0, d_pad - d))),
-                       scale=jnp.pad(m.scale, (0, n_pad - n)))
-    return Index(items=items, ids=None if ids is None else _check_ids(ids, n),
+    if not isinstance(num_clusters, (int, np.integer)) or not 0 <= num_clusters <= n:
+        raise ValueError(f"num_clusters must be an int in [0, N={n}]; got {num_clusters!r}")
+    if ivf_block % 32 or ivf_block <= 0:
+        raise ValueError(f"ivf_block must be a positive multiple of 32; got {ivf_block}")
+    m = quantize_int8(x)                       # validates finiteness, names bad rows
+    ext_ids = None if ids is None else _check_ids(ids, n)
+    d_pad = padded_dim(d)
+    perm = live = ivf = None
+    if num_clusters:
+        max_size = None if balance is None else max(ivf_block, int(balance * n / num_clusters))
+        cents, assign = balanced_kmeans(x.astype(np.float32), num_clusters, max_size=max_size,
+                                        seed=seed, progress=progress)
+        perm_np, bstart, bcount = ivf_layout(assign, cents.shape[0], ivf_block)
+        n_rows = perm_np.shape[0]
+        rows = np.maximum(perm_np, 0)
+        hole = perm_np < 0
+        codes = jnp.where(hole[:, None], 0, m.codes[rows])
+        scale = jnp.where(hole, 0.0, m.scale[rows])
+        perm = jnp.asarray(perm_np)
+        live = pack_mask(jnp.asarray(~hole))
+        ivf = IVF(centroids=jnp.asarray(cents), block_start=jnp.asarray(bstart),
+                  block_count=jnp.asarray(bcount), block=ivf_block,
+                  probe_caps=probe_caps(bcount))
+    else:
+        n_rows, codes, scale = padded_rows(n), m.codes, m.scale
+    items = Int8Matrix(codes=jnp.pad(codes, ((0, n_rows - codes.shape[0]), (0, d_pad - d))),
+                       scale=jnp.pad(scale, (0, n_rows - scale.shape[0])))
+    cache = None
+    if store_embeddings:
+        xf = jnp.asarray(x.astype(np.float32))
+        if perm is not None:
+            xf = jnp.where((perm < 0)[:, None], 0.0, xf[jnp.maximum(perm, 0)])
+        cache = jnp.pad(xf, ((0, n_rows - xf.shape[0]), (0, 0))).astype(
+            CACHE_DTYPES[store_embeddings])
+    return Index(items=items, ids=ext_ids, perm=perm, live=live, ivf=ivf, cache=cache,
                  num_items=n, dim=d)

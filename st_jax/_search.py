@@ -1,4 +1,4 @@
-"""``search``: filtered Int8 top-k over an :class:`Index`."""
+"""``search``: filtered Int8 top-k over an :class:`Index` (flat or IVF), one jitted core."""
 from __future__ import annotations
 
 import functools
@@ -8,9 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels.int8_topk import BACKENDS, MAX_K, int8_topk, pack_mask, unpack_mask
+from pallas_kernels.int8_topk import BACKENDS, MAX_K, NEG_INF, int8_topk, pack_mask, unpack_mask
 from st_jax._index import Index
+from st_jax._ivf import ivf_topk_reference, partial_mask, probed_blocks
 from st_jax._types import SearchResult
+
+PATH_FLAT, PATH_IVF, PATH_FALLBACK = 0, 1, 2
 
 # Selective filters: when the eligible items (union over the batch) fit in one of these
 # fractions of the index, they are gathered into a compact sub-matrix first, so the work
@@ -20,11 +23,12 @@ _MIN_SPARSE_ROWS = 1 << 14
 
 
 def eligibility_words(index: Index, allow, batch: int) -> jax.Array | None:
-    """Normalises ``allow`` to the index's eligibility words.
+    """Normalises ``allow`` to eligibility words over the index's rows.
 
     Args:
-      allow: None, ``bool[N]`` / ``bool[B, N]`` (N = index.num_items), or already packed
-        ``u32[W]`` / ``u32[B, W]`` with ``W = index.num_words``.
+      allow: None, ``bool[N]`` / ``bool[B, N]`` by item position, or packed ``u32[W]`` /
+        ``u32[B, W]`` words over the index rows (``W = index.num_words``; rows = positions
+        for a flat index).
     Returns:
       None (everything eligible) or ``u32[W]`` / ``u32[B, W]``; bits of padded rows are 0.
     """
@@ -35,8 +39,11 @@ def eligibility_words(index: Index, allow, batch: int) -> jax.Array | None:
     if a.dtype == jnp.bool_:
         if a.shape not in ((n,), (batch, n)):
             raise ValueError(f"allow must be bool[{n}] or bool[{batch}, {n}]; got shape {a.shape}")
-        pad = [(0, 0)] * (a.ndim - 1) + [(0, index.num_rows - n)]
-        return pack_mask(jnp.pad(a, pad))
+        if index.perm is not None:
+            a = jnp.where(index.perm >= 0, a[..., jnp.maximum(index.perm, 0)], False)
+        else:
+            a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, index.num_rows - n)])
+        return pack_mask(a)
     if a.dtype == jnp.uint32:
         if a.shape not in ((w,), (batch, w)):
             raise ValueError(f"packed allow must be u32[{w}] or u32[{batch}, {w}]; got {a.shape}")
@@ -51,11 +58,11 @@ def _sparse_caps(n_rows: int) -> tuple[int, ...]:
     return tuple(c for c in caps if c <= n_rows // 2)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "backend", "num_items"))
-def _search_rows(codes, scale, q, mask, *, k: int, backend: str, num_items: int):
-    """Core of search in row positions. Returns ``(f32[B, k], i32[B, k])``."""
+def _flat_rows(codes, scale, q, mask, *, k: int, backend: str, num_valid: int):
+    """Flat scan in storage rows: ``(f32[B, k], i32[B, k])``. Selective masks take a
+    compacted sub-matrix of the eligible rows (union over the batch)."""
     n_rows = codes.shape[0]
-    dense = functools.partial(int8_topk, k=k, num_valid=num_items, backend=backend)
+    dense = functools.partial(int8_topk, k=k, num_valid=num_valid, backend=backend)
     caps = _sparse_caps(n_rows) if mask is not None else ()
     if not caps:
         return dense(q, codes, scale, mask)
@@ -70,8 +77,7 @@ def _search_rows(codes, scale, q, mask, *, k: int, backend: str, num_items: int)
             if mask.ndim == 1:
                 sub_mask = pack_mask(in_use)
             else:
-                bits = unpack_mask(mask, n_rows)[:, rows]
-                sub_mask = pack_mask(bits & in_use)
+                sub_mask = pack_mask(unpack_mask(mask, n_rows)[:, rows] & in_use)
             vals, sub = dense(q, codes[rows], scale[rows], sub_mask)
             return vals, jnp.where(sub >= 0, rows[jnp.maximum(sub, 0)], -1)
         return run
@@ -81,7 +87,52 @@ def _search_rows(codes, scale, q, mask, *, k: int, backend: str, num_items: int)
     return lax.switch(which, branches)
 
 
-def search(index: Index, queries, k: int, allow=None, *, backend: str = "auto") -> SearchResult:
+def _popcount_rows(words, batch):
+    c = jnp.sum(lax.population_count(words).astype(jnp.int32), axis=-1)
+    return jnp.broadcast_to(c, (batch,))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "nprobe", "rerank", "min_eligible_factor",
+                                             "backend"))
+def _search_core(index: Index, q, mask, *, k: int, nprobe: int, rerank: int,
+                 min_eligible_factor: float, backend: str):
+    """Returns ``(scores f32[B, k], rows i32[B, k], path i32[B])`` in storage rows."""
+    b = q.shape[0]
+    codes, scale = index.items.codes, index.items.scale
+    kk = k * max(rerank, 1)
+    if index.live is not None:
+        mask = index.live if mask is None else mask & index.live
+    num_valid = index.num_items if index.perm is None else index.num_rows
+    flat = functools.partial(_flat_rows, codes, scale, q, mask, k=kk, backend=backend,
+                             num_valid=num_valid)
+    if index.ivf is not None and nprobe:
+        ivf = index.ivf
+        blocks, valid, _ = probed_blocks(ivf, q[:, :index.dim], nprobe)
+        pm = partial_mask(mask, blocks, valid, ivf.block)           # probed words only
+        vals, rows = ivf_topk_reference(q, codes, scale, blocks, pm, k=kk, block=ivf.block)
+        in_probe = jnp.sum(lax.population_count(pm).astype(jnp.int32), axis=(1, 2))
+        total = _popcount_rows(mask, b)
+        need = jnp.minimum(jnp.int32(int(np.ceil(min_eligible_factor * kk))), total)
+        starved = in_probe < need
+        fv, fr = lax.cond(jnp.any(starved), flat, lambda: (vals, rows))
+        vals = jnp.where(starved[:, None], fv, vals)
+        rows = jnp.where(starved[:, None], fr, rows)
+        path = jnp.where(starved, PATH_FALLBACK, PATH_IVF).astype(jnp.int32)
+    else:
+        vals, rows = flat()
+        path = jnp.full((b,), PATH_FLAT, jnp.int32)
+    if rerank:
+        x = index.cache[jnp.maximum(rows, 0)].astype(jnp.float32)     # [B, kk, D]
+        exact = jnp.einsum("bkd,bd->bk", x, q[:, :index.dim].astype(jnp.float32))
+        exact = jnp.where(rows >= 0, exact, NEG_INF)
+        vals, pos = lax.top_k(exact, k)
+        rows = jnp.where(vals > NEG_INF, jnp.take_along_axis(rows, pos, axis=1), -1)
+    return vals, rows, path
+
+
+def search(index: Index, queries, k: int, allow=None, *, nprobe: int | None = None,
+           rerank: int | None = None, min_eligible_factor: float = 4.0,
+           backend: str = "auto") -> SearchResult:
     """Top-k items by Int8 inner product among the eligible ones.
 
     Args:
@@ -89,21 +140,46 @@ def search(index: Index, queries, k: int, allow=None, *, backend: str = "auto") 
       queries: ``f32[B, D]`` or ``bf16[B, D]`` (quantised per row inside).
       k: results per query, ``1 <= k <= 65536``; ``k > N`` returns every eligible item.
       allow: eligibility — None (all), ``bool[N]`` shared by the batch, ``bool[B, N]`` per
-        query, or packed ``u32[W]`` / ``u32[B, W]`` words (``W = index.num_words``).
+        query (by item position), or packed words over the index rows (``u32[W]`` /
+        ``u32[B, W]``, ``W = index.num_words``).
+      nprobe: IVF clusters probed per query (IVF indexes; default ``min(32, C)``).
+      rerank: R >= 1 re-scores the best ``R * k`` Int8 candidates with the float embeddings
+        kept by ``build_index(..., store_embeddings=...)``; scores are then exact.
+      min_eligible_factor: an IVF query whose probed clusters hold fewer than
+        ``min_eligible_factor * R * k`` eligible items (and fewer than the whole index holds)
+        is answered by the exact flat filtered scan instead (``path == 2``).
       backend: ``"auto"`` (Pallas kernel on GPU, XLA twin elsewhere), ``"xla"``,
         ``"pallas"``, ``"interpret"``.
     Returns:
-      :class:`SearchResult`: ``ids [B, k]`` (external ids if the index has them; -1 padded),
-      ``scores f32[B, k]`` (-inf padded), ``count i32[B] = min(k, eligible)``.
+      :class:`SearchResult`: ``ids [B, k]`` (external ids if the index has them, else item
+      positions; -1 padded), ``scores f32[B, k]`` (-inf padded), ``count i32[B] =
+      min(k, eligible)`` (flat, fallback) and ``path i32[B]``.
     Raises:
-      ValueError: shapes, dtypes, k, backend, or NaN/Inf queries (rows named).
+      ValueError: shapes, dtypes, k, options, or NaN/Inf queries (rows named).
 
-    Works eagerly and inside ``jax.jit`` (k and backend must then be static).
+    Works eagerly and inside ``jax.jit`` (k, nprobe, rerank and backend must then be static).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
         raise ValueError(f"k must be an int in [1, {MAX_K}]; got {k!r}")
+    if index.ivf is None:
+        if nprobe is not None:
+            raise ValueError("nprobe needs an IVF index: build_index(..., num_clusters=C)")
+        nprobe = 0
+    else:
+        c = index.ivf.num_clusters
+        nprobe = min(32, c) if nprobe is None else nprobe
+        if not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= c:
+            raise ValueError(f"nprobe must be an int in [1, {c}] (the number of clusters); "
+                             f"got {nprobe!r}")
+    if rerank is not None:
+        if index.cache is None:
+            raise ValueError("rerank needs float embeddings in the index: "
+                             "build_index(..., store_embeddings='bf16')")
+        if not isinstance(rerank, (int, np.integer)) or not 1 <= rerank or rerank * k > MAX_K:
+            raise ValueError(f"rerank must be an int >= 1 with rerank * k <= {MAX_K}; "
+                             f"got {rerank!r}")
     q = jnp.asarray(queries)
     if q.ndim != 2 or q.shape[1] != index.dim:
         hint = " (use queries[None, :] for one query)" if q.ndim == 1 else ""
@@ -117,8 +193,12 @@ def search(index: Index, queries, k: int, allow=None, *, backend: str = "auto") 
     mask = eligibility_words(index, allow, q.shape[0])
     d_pad = index.items.codes.shape[1]
     q = jnp.pad(q, ((0, 0), (0, d_pad - index.dim)))
-    scores, rows = _search_rows(index.items.codes, index.items.scale, q, mask, k=int(k),
-                                backend=backend, num_items=index.num_items)
+    scores, rows, path = _search_core(index, q, mask, k=int(k), nprobe=int(nprobe),
+                                      rerank=int(rerank or 0),
+                                      min_eligible_factor=float(min_eligible_factor),
+                                      backend=backend)
     valid = rows >= 0
-    ids = rows if index.ids is None else jnp.where(valid, index.ids[jnp.maximum(rows, 0)], -1)
-    return SearchResult(ids=ids, scores=scores, count=jnp.sum(valid, axis=1, dtype=jnp.int32))
+    pos = rows if index.perm is None else jnp.where(valid, index.perm[jnp.maximum(rows, 0)], -1)
+    ids = pos if index.ids is None else jnp.where(valid, index.ids[jnp.maximum(pos, 0)], -1)
+    return SearchResult(ids=ids, scores=scores, count=jnp.sum(valid, axis=1, dtype=jnp.int32),
+                        path=path)

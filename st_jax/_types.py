@@ -50,8 +50,11 @@ class SearchResult:
         ``-1`` where fewer than ``k`` items were eligible.
       scores: ``f32[B, k]`` — approximate inner products (Int8 scores), ``-inf`` padded.
       count: ``i32[B]`` — number of valid entries per row (= ``min(k, eligible)``).
+      path: ``i32[B]`` — how each query was served: 0 flat scan, 1 IVF probe,
+        2 IVF probe starved by a selective filter, answered by the exact flat scan.
     """
 
     ids: jax.Array
     scores: jax.Array
     count: jax.Array
+    path: Any = None

@@ -1,0 +1,136 @@
+"""IVF: layout, probe-then-filter == filter-then-probe, starvation fallback, re-rank."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import st_jax as st
+from st_jax._ivf import ivf_layout, probed_blocks
+from st_jax._quant import quantize_rows
+from st_jax.synthetic import clustered_catalogue, exact_filtered_topk, recall
+
+N, D = 12_000, 32
+
+
+@pytest.fixture(scope="module")
+def cat():
+    return clustered_catalogue(N, D, num_clusters=40, num_queries=12, seed=5)
+
+
+@pytest.fixture(scope="module")
+def index(cat):
+    return st.build_index(cat.embeddings, num_clusters=48, store_embeddings="f32",
+                          ivf_block=64)
+
+
+def test_layout_is_a_padded_permutation():
+    assign = np.array([2, 0, 2, 2, 1, 0, 2], np.int32)
+    perm, start, count = ivf_layout(assign, 3, block=2, align=8)
+    assert perm.shape == (8,)
+    np.testing.assert_array_equal(count, [1, 1, 2])
+    np.testing.assert_array_equal(start, [0, 1, 2])
+    # cluster 0 = items 1, 5; cluster 1 = item 4 + hole; cluster 2 = 0, 2, 3, 6
+    np.testing.assert_array_equal(perm, [1, 5, 4, -1, 0, 2, 3, 6])
+
+
+def test_index_rows_hold_the_right_items(cat, index):
+    perm = np.asarray(index.perm)
+    real = perm >= 0
+    assert real.sum() == N and np.unique(perm[real]).size == N
+    m = st.quantize_int8(cat.embeddings)
+    np.testing.assert_array_equal(np.asarray(index.items.codes)[real, :D],
+                                  np.asarray(m.codes)[perm[real]])
+    assert index.ivf.num_clusters >= 48
+    sizes = np.asarray(index.ivf.block_count) * 64
+    assert sizes.max() <= 2 * N / 48 + 64          # balancing bounded the largest cluster
+
+
+def probe_reference(index, q, allow, k, nprobe):
+    """Filter-then-probe: evaluate the filter on every item, keep the probed clusters'
+    items, brute-force the Int8 top-k (numpy)."""
+    blocks, valid, _ = probed_blocks(index.ivf, jnp.asarray(q), nprobe)
+    blk = index.ivf.block
+    codes = np.asarray(index.items.codes, np.int64)
+    scale = np.asarray(index.items.scale)
+    qc, qs = quantize_rows(jnp.pad(jnp.asarray(q), ((0, 0), (0, codes.shape[1] - D))))
+    perm = np.asarray(index.perm)
+    out = []
+    for b in range(q.shape[0]):
+        rows = (np.asarray(blocks[b])[np.asarray(valid[b])][:, None] * blk + np.arange(blk)).ravel()
+        rows = rows[perm[rows] >= 0]
+        ok = allow[perm[rows]] if allow.ndim == 1 else allow[b, perm[rows]]
+        rows = rows[ok]
+        s = (codes[rows] @ np.asarray(qc[b], np.int64)).astype(np.float32) * scale[rows] * qs[b]
+        top = rows[np.argsort(-s, kind="stable")[:k]]
+        out.append(sorted(perm[top].tolist()))
+    return out
+
+
+@pytest.mark.parametrize("p,per_query", [(1.0, False), (0.3, False), (0.05, True)])
+def test_probe_then_filter_equals_filter_then_probe(cat, index, p, per_query):
+    rng = np.random.default_rng(0)
+    allow = rng.random((12, N) if per_query else N) < p
+    res = st.search(index, cat.queries, 20, allow, nprobe=6, min_eligible_factor=0)
+    assert (np.asarray(res.path) == 1).all()
+    want = probe_reference(index, cat.queries, allow, 20, 6)
+    got = [sorted(r[r >= 0].tolist()) for r in np.asarray(res.ids)]
+    assert got == want
+
+
+@pytest.mark.parametrize("kind", ["100%", "10%", "1%", "0.1%", "cluster"])
+def test_recall_with_rerank_at_every_pass_rate(cat, index, kind):
+    rng = np.random.default_rng(1)
+    allow = {"100%": None, "10%": rng.random(N) < 0.1, "1%": rng.random(N) < 0.01,
+             "0.1%": rng.random(N) < 0.001,
+             "cluster": np.isin(cat.cluster, [1, 7]) & (rng.random(N) < 0.5)}[kind]
+    k = 50
+    res = st.search(index, cat.queries, k, allow, nprobe=8, rerank=4)
+    truth = exact_filtered_topk(cat.embeddings, cat.queries, k, allow)
+    assert recall(np.asarray(res.ids), truth) >= 0.95
+    eligible = N if allow is None else int(allow.sum())
+    np.testing.assert_array_equal(np.asarray(res.count), min(k, eligible))
+    if allow is not None:
+        ids = np.asarray(res.ids)
+        assert allow[ids[ids >= 0]].all()
+
+
+def test_selective_filter_takes_the_flat_path(cat, index):
+    allow = np.zeros(N, bool)
+    allow[::997] = True                                 # 13 items
+    res = st.search(index, cat.queries, 10, allow, nprobe=2)
+    assert (np.asarray(res.path) == 2).all()
+    truth = exact_filtered_topk(cat.embeddings, cat.queries, 10, allow)
+    assert recall(np.asarray(res.ids), truth) == 1.0
+
+
+def test_rerank_scores_are_exact(cat, index):
+    res = st.search(index, cat.queries, 5, nprobe=8, rerank=3)
+    ids = np.asarray(res.ids)
+    want = np.einsum("bkd,bd->bk", cat.embeddings[ids], cat.queries)
+    np.testing.assert_allclose(np.asarray(res.scores), want, rtol=1e-5, atol=1e-5)
+
+
+def test_external_ids_and_jit(cat):
+    ext = np.arange(N) + 10**6
+    index = st.build_index(cat.embeddings, ids=ext, num_clusters=16)
+    res = st.search(index, cat.queries, 7, nprobe=index.ivf.num_clusters)
+    flat = st.search(st.build_index(cat.embeddings), cat.queries, 7)
+    # probing every cluster, IVF equals the flat scan
+    np.testing.assert_array_equal(np.asarray(res.ids), ext[np.asarray(flat.ids)])
+    f = jax.jit(lambda idx, q: st.search(idx, q, 7, nprobe=4))
+    np.testing.assert_array_equal(np.asarray(f(index, cat.queries).ids),
+                                  np.asarray(st.search(index, cat.queries, 7, nprobe=4).ids))
+
+
+def test_errors(cat, index):
+    flat = st.build_index(cat.embeddings[:100])
+    with pytest.raises(ValueError, match="IVF index"):
+        st.search(flat, cat.queries, 5, nprobe=3)
+    with pytest.raises(ValueError, match="store_embeddings"):
+        st.search(flat, cat.queries, 5, rerank=2)
+    with pytest.raises(ValueError, match="nprobe must be"):
+        st.search(index, cat.queries, 5, nprobe=0)
+    with pytest.raises(ValueError, match="num_clusters"):
+        st.build_index(cat.embeddings[:10], num_clusters=11)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        st.build_index(cat.embeddings[:100], num_clusters=2, ivf_block=48)
