@@ -303,15 +303,18 @@ def _topk_tile_kernel(qc_ref, qs_ref, x_ref, xs_ref, mask_ref, ov_ref, oi_ref, *
         oi_ref[...] = jnp.where(ok, item, -1)
         return
     col = lax.broadcasted_iota(jnp.int32, (bq, m), 1)
-    vals = jnp.full((bq, m), NEG_INF, jnp.float32)
-    ids = jnp.full((bq, m), -1, jnp.int32)
-    for r in range(m):  # m rounds of max-and-mask
+
+    def round_(r, carry):  # one round of max-and-mask, for every query of the block
+        s, vals, ids = carry
         mx = jnp.max(s, axis=1)
         pos = jnp.min(jnp.where(s == mx[:, None], j, tn), axis=1)
         hit = mx > NEG_INF
         vals = jnp.where(col == r, mx[:, None], vals)
         ids = jnp.where(col == r, jnp.where(hit, pos * num_tiles + t, -1)[:, None], ids)
-        s = jnp.where(j == pos[:, None], NEG_INF, s)
+        return jnp.where(j == pos[:, None], NEG_INF, s), vals, ids
+
+    _, vals, ids = lax.fori_loop(0, m, round_, (s, jnp.full((bq, m), NEG_INF, jnp.float32),
+                                                jnp.full((bq, m), -1, jnp.int32)))
     ov_ref[...] = vals
     oi_ref[...] = ids
 
@@ -412,32 +415,61 @@ def int8_topk_pallas(q, codes, scale, mask=None, *, k: int, num_valid: int | Non
     qc, qs = quantize_rows(q)
     tn = bs.block_n
     t = codes.shape[0] // tn
-    kk = min(k, t * tn)
 
     def run(m):
-        v, ids = _tile_candidates(qc, qs, codes, scale, mask, m=m, num_valid=num_valid,
-                                  bs=bs, interpret=interpret)
-        flat_v = v.reshape(v.shape[0], -1)
-        top_v, pos = lax.top_k(flat_v, kk)
-        top_i = jnp.take_along_axis(ids.reshape(ids.shape[0], -1), pos, axis=1)
-        tau = top_v[:, kk - 1]
-        last = v[:, :, m - 1]
-        saturated = (last > NEG_INF) & (last >= tau[:, None]) if m < tn else jnp.zeros_like(last, bool)
-        return top_v, top_i, jnp.any(saturated[:b])
+        return _tile_candidates(qc, qs, codes, scale, mask, m=m, num_valid=num_valid, bs=bs,
+                                interpret=interpret)
 
-    m0 = min(tn, max(bs.min_candidates, _pow2_ceil(-(-2 * kk // t))))
+    vals, idx = exact_topk_from_tiles(run, k=k, batch=b, num_tiles=t, tile=tn,
+                                      min_candidates=bs.min_candidates,
+                                      escalation=bs.escalation, exact=exact)
+    return vals, idx
+
+
+def _ladder(k: int, num_tiles: int, tile: int, min_candidates: int, escalation: int,
+            exact: bool) -> list[int]:
+    """Per-tile candidate counts to try: the first keeps ``T * m >= 2k``, then x escalation,
+    ending with the whole tile (exact by construction)."""
+    kk = min(k, num_tiles * tile)
+    m0 = min(tile, max(min_candidates, _pow2_ceil(-(-2 * kk // num_tiles))))
     ladder = [m0]
-    while exact and ladder[-1] < tn:
-        ladder.append(min(tn, ladder[-1] * bs.escalation))
+    while exact and ladder[-1] < tile:
+        ladder.append(min(tile, ladder[-1] * escalation))
+    return ladder
+
+
+def _merge(v, ids, kk: int, m: int, tile: int, batch: int):
+    """Merges per-tile candidates ``f32/i32[Bp, T, m]``: ``(vals, ids, any_saturated)``."""
+    top_v, pos = lax.top_k(v.reshape(v.shape[0], -1), kk)
+    top_i = jnp.take_along_axis(ids.reshape(ids.shape[0], -1), pos, axis=1)
+    if m >= tile:
+        return top_v, top_i, jnp.zeros((), bool)
+    tau = top_v[:, kk - 1]
+    last = v[:, :, m - 1]
+    saturated = (last > NEG_INF) & (last >= tau[:, None])
+    return top_v, top_i, jnp.any(saturated[:batch])
+
+
+def exact_topk_from_tiles(run, *, k: int, batch: int, num_tiles: int, tile: int,
+                          min_candidates: int = 8, escalation: int = 8, exact: bool = True):
+    """Exact top-k from a kernel that reports each tile's best ``m`` candidates.
+
+    ``run(m) -> (f32[Bp, T, m], i32[Bp, T, m])``. Merges with ``lax.top_k``; if a tile is
+    saturated (its m-th candidate reaches the k-th merged score) re-runs with a larger ``m``
+    inside ``lax.cond`` (see the module docstring for why this is exact).
+    Returns ``(f32[batch, k], i32[batch, k])``, -inf / -1 padded.
+    """
+    kk = min(k, num_tiles * tile)
+    ladder = _ladder(k, num_tiles, tile, min_candidates, escalation, exact)
 
     def attempt(level):
-        v, i, sat = run(ladder[level])
+        v, i, sat = _merge(*run(ladder[level]), kk, ladder[level], tile, batch)
         if level + 1 == len(ladder):
             return v, i
         return lax.cond(sat, lambda: attempt(level + 1), lambda: (v, i))
 
     vals, idx = attempt(0)
-    vals, idx = _finish(vals[:b], idx[:b])
+    vals, idx = _finish(vals[:batch], idx[:batch])
     return _pad_k(vals, idx, k)
 
 
@@ -451,14 +483,22 @@ def saturation_rate(q, codes, scale, mask=None, *, k: int, num_valid: int | None
     qc, qs = quantize_rows(q)
     tn = bs.block_n
     t = codes.shape[0] // tn
-    kk = min(k, t * tn)
-    m0 = min(tn, max(bs.min_candidates, _pow2_ceil(-(-2 * kk // t))))
-    v, _ = _tile_candidates(qc, qs, codes, scale, mask, m=m0, num_valid=num_valid, bs=bs,
-                            interpret=interpret)
+    m0 = _ladder(k, t, tn, bs.min_candidates, bs.escalation, False)[0]
+    v, ids = _tile_candidates(qc, qs, codes, scale, mask, m=m0, num_valid=num_valid, bs=bs,
+                              interpret=interpret)
+    return tile_saturation(v, ids, k=k, tile=tn, batch=b)
+
+
+def tile_saturation(v, ids, *, k: int, tile: int, batch: int):
+    """Fraction of queries with a saturated tile among candidates ``[Bp, T, m]``."""
+    m = v.shape[2]
+    kk = min(k, v.shape[1] * tile)
+    if m >= tile:
+        return jnp.zeros((), jnp.float32)
     tau = lax.top_k(v.reshape(v.shape[0], -1), kk)[0][:, kk - 1]
-    last = v[:, :, m0 - 1]
-    sat = (last > NEG_INF) & (last >= tau[:, None]) if m0 < tn else jnp.zeros_like(last, bool)
-    return jnp.mean(jnp.any(sat[:b], axis=1).astype(jnp.float32))
+    last = v[:, :, m - 1]
+    sat = (last > NEG_INF) & (last >= tau[:, None])
+    return jnp.mean(jnp.any(sat[:batch], axis=1).astype(jnp.float32))
 
 
 # --------------------------------------------------------------------------------------

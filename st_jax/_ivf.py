@@ -8,21 +8,19 @@ of blocks any ``p`` clusters hold (static), which sizes the per-query probed-blo
 Search (SilverTorch Algorithm 1, in one jitted function):
   1. centroid scores -> the ``nprobe`` best clusters per query;
   2. the eligibility mask is read **only for the words of the probed blocks** (partial masks);
-  3. Int8 scores of the probed blocks' items + top-k (``ivf_topk``);
+  3. Int8 scores of the probed blocks' items + top-k (``pallas_kernels.ivf_scan``: a Pallas
+     kernel reading the probed blocks in place on GPU, its XLA twin on CPU);
   4. a query whose probed clusters hold fewer than ``min_eligible_factor * k`` eligible items
      is *starved* (a selective filter): it takes the exact flat filtered scan instead, within
      the same jitted function (``lax.cond``, so the flat scan only runs when needed).
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels.int8_topk import NEG_INF, quantize_rows
 from st_jax._kmeans import kmeans
 from st_jax._types import _static, pytree_dataclass
 
@@ -134,50 +132,3 @@ def partial_mask(words: jax.Array, blocks: jax.Array, valid: jax.Array, block: i
     else:
         w = jnp.take_along_axis(words, idx.reshape(idx.shape[0], -1), axis=1).reshape(idx.shape)
     return jnp.where(valid[:, :, None], w, jnp.uint32(0))
-
-
-@functools.partial(jax.jit, static_argnames=("k", "block", "group"))
-def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int, group: int = 64):
-    """Plain-XLA IVF scan: Int8 top-k over each query's probed blocks.
-
-    Args:
-      q: ``f32[B, D]`` queries; codes ``i8[n_rows, D]``; scale ``f32[n_rows]``.
-      blocks: ``i32[B, P]`` probed blocks; pmask: ``u32[B, P, block // 32]`` partial masks.
-      k: results per query (``k <= P * block`` is not required; padded).
-      group: blocks scored per inner step (bounds the f32 temporary).
-    Returns:
-      ``(scores f32[B, k], rows i32[B, k])`` in storage rows, -inf / -1 padded.
-    """
-    b, p = blocks.shape
-    d = codes.shape[1]
-    qc, qs = quantize_rows(q)
-    g = min(group, p)
-    p_pad = -(-p // g) * g
-    blocks = jnp.pad(blocks, ((0, 0), (0, p_pad - p)))
-    pmask = jnp.pad(pmask, ((0, 0), (0, p_pad - p), (0, 0)))
-    codes_b = codes.reshape(-1, block, d)
-    scale_b = scale.reshape(-1, block)
-    bits = jnp.arange(32, dtype=jnp.uint32)
-
-    def one_query(args):
-        qv, qsc, bl, pm = args
-
-        def step(_, xs):
-            blk, m = xs
-            x = codes_b[blk].reshape(g * block, d).astype(jnp.float32)
-            s = (x @ qv.astype(jnp.float32)) * scale_b[blk].reshape(-1) * qsc
-            ok = ((m[..., None] >> bits) & 1).reshape(-1).astype(bool)
-            return None, jnp.where(ok, s, NEG_INF)
-
-        _, s = lax.scan(step, None, (bl.reshape(-1, g), pm.reshape(-1, g, block // 32)))
-        s = s.reshape(-1)
-        kk = min(k, s.shape[0])
-        v, pos = lax.top_k(s, kk)
-        rows = bl[pos // block] * block + pos % block
-        return v, jnp.where(v > NEG_INF, rows, -1)
-
-    v, rows = lax.map(one_query, (qc, qs, blocks, pmask))
-    if v.shape[1] < k:
-        v = jnp.pad(v, ((0, 0), (0, k - v.shape[1])), constant_values=NEG_INF)
-        rows = jnp.pad(rows, ((0, 0), (0, k - rows.shape[1])), constant_values=-1)
-    return v, rows.astype(jnp.int32)

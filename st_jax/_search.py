@@ -10,7 +10,8 @@ from jax import lax
 
 from pallas_kernels.int8_topk import BACKENDS, MAX_K, NEG_INF, int8_topk, pack_mask, unpack_mask
 from st_jax._index import Index
-from st_jax._ivf import ivf_topk_reference, partial_mask, probed_blocks
+from pallas_kernels.ivf_scan import ivf_topk
+from st_jax._ivf import partial_mask, probed_blocks
 from st_jax._types import SearchResult
 
 PATH_FLAT, PATH_IVF, PATH_FALLBACK = 0, 1, 2
@@ -109,7 +110,8 @@ def _search_core(index: Index, q, mask, *, k: int, nprobe: int, rerank: int,
         ivf = index.ivf
         blocks, valid, _ = probed_blocks(ivf, q[:, :index.dim], nprobe)
         pm = partial_mask(mask, blocks, valid, ivf.block)           # probed words only
-        vals, rows = ivf_topk_reference(q, codes, scale, blocks, pm, k=kk, block=ivf.block)
+        vals, rows = ivf_topk(q, codes, scale, blocks, pm, k=kk, block=ivf.block,
+                              backend=backend)
         in_probe = jnp.sum(lax.population_count(pm).astype(jnp.int32), axis=(1, 2))
         total = _popcount_rows(mask, b)
         need = jnp.minimum(jnp.int32(int(np.ceil(min_eligible_factor * kk))), total)

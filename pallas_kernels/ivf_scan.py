@@ -1,0 +1,214 @@
+"""IVF gather-scan: Int8 top-k over each query's probed blocks, reading them in place.
+
+Inputs (both implementations): queries ``f32[B, D]`` (quantised per row inside), the index's
+``codes i8[n_rows, D]`` / ``scale f32[n_rows]`` stored cluster-major in blocks of ``block``
+items, each query's probed blocks ``i32[B, P]`` and their partial eligibility masks
+``u32[B, P, block // 32]`` (words of the probed blocks only — SilverTorch's probe-then-filter).
+Output: ``(scores f32[B, k], rows i32[B, k])`` in storage rows, -inf / -1 padded.
+
+- :func:`ivf_topk_pallas` (Triton): grid (query, group of ``group`` probed blocks). Each step
+  gathers its blocks' rows straight from the item matrix in HBM (no gathered temporary),
+  scores them against the query, applies the partial mask and keeps its best ``m``; the
+  candidates are merged exactly as in :mod:`pallas_kernels.int8_topk` (saturation check and
+  escalation, so the result is exact).
+- :func:`ivf_topk_reference` (XLA, fast on CPU): per query, a scan over groups of blocks.
+- :func:`ivf_topk`: dispatcher (``lax.platform_dependent``).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.int8_topk import (BACKENDS, NEG_INF, exact_topk_from_tiles, padded_dim,
+                                      quantize_rows)
+
+
+def _check(q, codes, scale, blocks, pmask, k, block):
+    if q.ndim != 2 or codes.ndim != 2 or q.shape[1] != codes.shape[1]:
+        raise ValueError(f"queries [B, D] and codes [n_rows, D] must agree; got {q.shape} "
+                         f"and {codes.shape}")
+    if block % 32 or codes.shape[0] % block:
+        raise ValueError(f"block ({block}) must be a multiple of 32 dividing n_rows "
+                         f"({codes.shape[0]})")
+    b, p = blocks.shape
+    if blocks.shape[0] != q.shape[0] or pmask.shape != (b, p, block // 32):
+        raise ValueError(f"blocks must be i32[{q.shape[0]}, P] and pmask u32[B, P, "
+                         f"{block // 32}]; got {blocks.shape} and {pmask.shape}")
+    if pmask.dtype != jnp.uint32:
+        raise ValueError(f"pmask must be uint32; got {pmask.dtype}")
+    if scale.shape != (codes.shape[0],):
+        raise ValueError(f"scale must be f32[{codes.shape[0]}]; got {scale.shape}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int; got {k!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block", "group"))
+def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int, group: int = 64):
+    """Plain-XLA twin of :func:`ivf_topk_pallas` (``group``: blocks per inner step)."""
+    _check(q, codes, scale, blocks, pmask, k, block)
+    b, p = blocks.shape
+    d = codes.shape[1]
+    qc, qs = quantize_rows(q)
+    g = min(group, p)
+    p_pad = -(-p // g) * g
+    blocks = jnp.pad(blocks, ((0, 0), (0, p_pad - p)))
+    pmask = jnp.pad(pmask, ((0, 0), (0, p_pad - p), (0, 0)))
+    codes_b = codes.reshape(-1, block, d)
+    scale_b = scale.reshape(-1, block)
+    bits = jnp.arange(32, dtype=jnp.uint32)
+
+    def one_query(args):
+        qv, qsc, bl, pm = args
+
+        def step(_, xs):
+            blk, m = xs
+            x = codes_b[blk].reshape(g * block, d).astype(jnp.float32)
+            s = ((x @ qv.astype(jnp.float32)) * scale_b[blk].reshape(-1)) * qsc
+            ok = ((m[..., None] >> bits) & 1).reshape(-1).astype(bool)
+            return None, jnp.where(ok, s, NEG_INF)
+
+        _, s = lax.scan(step, None, (bl.reshape(-1, g), pm.reshape(-1, g, block // 32)))
+        s = s.reshape(-1)
+        kk = min(k, s.shape[0])
+        v, pos = lax.top_k(s, kk)
+        rows = bl[pos // block] * block + pos % block
+        return v, jnp.where(v > NEG_INF, rows, -1)
+
+    v, rows = lax.map(one_query, (qc, qs, blocks, pmask))
+    if v.shape[1] < k:
+        v = jnp.pad(v, ((0, 0), (0, k - v.shape[1])), constant_values=NEG_INF)
+        rows = jnp.pad(rows, ((0, 0), (0, k - rows.shape[1])), constant_values=-1)
+    return v, rows.astype(jnp.int32)
+
+
+def _reduce2(op, x):
+    """Full reduction of a 2-D array one axis at a time (the Triton lowering of a
+    multi-axis reduction to a scalar fails)."""
+    return op(op(x, axis=1), axis=0)
+
+
+def _ivf_kernel(qc_ref, qs_ref, blk_ref, pm_ref, codes_ref, scale_ref, ov_ref, oi_ref, *,
+                block: int, group: int, m: int, chunk_d: int):
+    """One grid step: query ``b`` × ``group`` probed blocks.
+
+    Refs: qc_ref i8[Dp], qs_ref f32[1], blk_ref i32[G], pm_ref u32[G * block / 32] (this
+    step's partial mask words), codes_ref i8[n_rows, Dp] and scale_ref f32[n_rows] (whole
+    arrays in HBM, gathered by row index), ov_ref / oi_ref: [m] candidates, or [G, block]
+    when ``m == G * block``.
+    """
+    dp = qc_ref.shape[0]
+    g_i = lax.broadcasted_iota(jnp.int32, (group, block), 0)
+    l_i = lax.broadcasted_iota(jnp.int32, (group, block), 1)
+    # block id of each (g, l): a masked sum over the loaded ids (no gather on values)
+    blk = blk_ref[...]
+    blk_of = jnp.zeros((group, block), jnp.int32)
+    for g in range(group):
+        blk_of = jnp.where(g_i == g, jnp.sum(jnp.where(
+            lax.broadcasted_iota(jnp.int32, (group,), 0) == g, blk, 0)), blk_of)
+    rows = blk_of * block + l_i                                            # [G, block]
+
+    acc = jnp.zeros((group, block), jnp.int32)
+    for d0 in range(0, dp, chunk_d):
+        d_i = d0 + lax.broadcasted_iota(jnp.int32, (group, block, chunk_d), 2)
+        x = codes_ref[rows[:, :, None] + jnp.zeros_like(d_i), d_i].astype(jnp.int32)
+        qv = qc_ref[pl.ds(d0, chunk_d)].astype(jnp.int32)
+        acc += jnp.sum(x * qv[None, None, :], axis=2)
+    qs = jnp.sum(qs_ref[...])
+    s = (acc.astype(jnp.float32) * scale_ref[rows]) * qs
+    words = pm_ref[g_i * (block // 32) + (l_i >> 5)]
+    ok = ((words >> (l_i & 31).astype(jnp.uint32)) & jnp.uint32(1)) == 1
+    s = jnp.where(ok, s, NEG_INF)
+
+    if m == group * block:
+        ov_ref[...] = s
+        oi_ref[...] = jnp.where(ok, rows, -1)
+        return
+    flat = g_i * block + l_i
+    col = lax.broadcasted_iota(jnp.int32, (m,), 0)
+
+    def round_(r, carry):            # one round of max-and-mask
+        s, vals, ids = carry
+        mx = _reduce2(jnp.max, s)
+        pos = _reduce2(jnp.min, jnp.where(s == mx, flat, group * block))
+        row = _reduce2(jnp.sum, jnp.where(flat == pos, rows, 0))
+        vals = jnp.where(col == r, mx, vals)
+        ids = jnp.where(col == r, jnp.where(mx > NEG_INF, row, -1), ids)
+        return jnp.where(flat == pos, NEG_INF, s), vals, ids
+
+    _, vals, ids = lax.fori_loop(0, m, round_, (s, jnp.full((m,), NEG_INF, jnp.float32),
+                                                jnp.full((m,), -1, jnp.int32)))
+    ov_ref[...] = vals
+    oi_ref[...] = ids
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block", "group", "interpret", "exact",
+                                             "num_warps"))
+def ivf_topk_pallas(q, codes, scale, blocks, pmask, *, k: int, block: int, group: int = 4,
+                    interpret: bool = False, exact: bool = True, num_warps: int = 4):
+    """Pallas IVF scan; same contract as :func:`ivf_topk_reference`.
+
+    ``group`` probed blocks per grid step (power of two); ``exact=False`` skips the
+    saturation re-runs.
+    """
+    from jax.experimental.pallas import triton as pltriton
+
+    _check(q, codes, scale, blocks, pmask, k, block)
+    b, p = blocks.shape
+    d = codes.shape[1]
+    dp = padded_dim(d)
+    if dp != d:
+        codes = jnp.pad(codes, ((0, 0), (0, dp - d)))
+        q = jnp.pad(q, ((0, 0), (0, dp - d)))
+    qc, qs = quantize_rows(q)
+    p_pad = max(group, -(-p // group) * group)
+    blocks = jnp.pad(blocks, ((0, 0), (0, p_pad - p)))
+    wpb = block // 32
+    pm = jnp.pad(pmask, ((0, 0), (0, p_pad - p), (0, 0))).reshape(b, p_pad * wpb)
+    t = p_pad // group
+    tile = group * block
+
+    def run(m):
+        full = m == tile
+        oshape = (b, t, group, block) if full else (b, t, m)
+        oblock = (None, None, group, block) if full else (None, None, m)
+        omap = (lambda i, j: (i, j, 0, 0)) if full else (lambda i, j: (i, j, 0))
+        kernel = functools.partial(_ivf_kernel, block=block, group=group, m=m, chunk_d=32)
+        any_spec = pl.BlockSpec(memory_space=pl.ANY)
+        v, i = pl.pallas_call(
+            kernel,
+            grid=(b, t),
+            in_specs=[pl.BlockSpec((None, dp), lambda i, j: (i, 0)),
+                      pl.BlockSpec((None, 1), lambda i, j: (i, 0)),
+                      pl.BlockSpec((None, group), lambda i, j: (i, j)),
+                      pl.BlockSpec((None, group * wpb), lambda i, j: (i, j)),
+                      any_spec, any_spec],
+            out_specs=[pl.BlockSpec(oblock, omap), pl.BlockSpec(oblock, omap)],
+            out_shape=[jax.ShapeDtypeStruct(oshape, jnp.float32),
+                       jax.ShapeDtypeStruct(oshape, jnp.int32)],
+            compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=2),
+            interpret=interpret,
+            name=f"ivf_scan_m{m}",
+        )(qc, qs[:, None], blocks, pm, codes, scale)
+        return v.reshape(b, t, m), i.reshape(b, t, m)
+
+    return exact_topk_from_tiles(run, k=k, batch=b, num_tiles=t, tile=tile, exact=exact)
+
+
+def ivf_topk(q, codes, scale, blocks, pmask, *, k: int, block: int, backend: str = "auto"):
+    """IVF scan: the Pallas kernel on GPU, the XLA twin elsewhere (see int8_topk)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    twin = functools.partial(ivf_topk_reference, k=k, block=block)
+    kern = functools.partial(ivf_topk_pallas, k=k, block=block)
+    if backend == "xla":
+        return twin(q, codes, scale, blocks, pmask)
+    if backend == "pallas":
+        return kern(q, codes, scale, blocks, pmask)
+    if backend == "interpret":
+        return kern(q, codes, scale, blocks, pmask, interpret=True)
+    return lax.platform_dependent(q, codes, scale, blocks, pmask,
+                                  cuda=lambda *a: kern(*a), default=lambda *a: twin(*a))

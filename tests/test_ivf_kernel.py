@@ -1,0 +1,98 @@
+"""The IVF gather-scan kernel: interpret mode vs XLA twin, and lowering for CUDA."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.ivf_scan import ivf_topk, ivf_topk_pallas, ivf_topk_reference
+from pallas_kernels.int8_topk import quantize_rows
+
+from .test_int8_topk import ids_match, lower_for_cuda
+
+
+def make(rng, b=3, nb=40, block=64, d=40, p=13, density=0.5):
+    n = nb * block
+    codes = jnp.asarray(rng.integers(-127, 128, (n, d), dtype=np.int8))
+    scale = jnp.asarray(rng.random(n, dtype=np.float32))
+    q = jnp.asarray(rng.standard_normal((b, d), dtype=np.float32))
+    blocks = jnp.asarray(rng.integers(0, nb, (b, p)).astype(np.int32))
+    bits = rng.random((b, p, block)) < density
+    pm = jnp.asarray(np.packbits(bits, axis=-1, bitorder="little").view(np.uint32))
+    return q, codes, scale, blocks, pm, bits
+
+
+def brute(q, codes, scale, blocks, bits, k, block):
+    qc, qs = quantize_rows(q)
+    out_v, out_i = [], []
+    for b in range(q.shape[0]):
+        rows = (np.asarray(blocks[b])[:, None] * block + np.arange(block)).ravel()
+        ok = bits[b].ravel()
+        s = (np.asarray(codes, np.int64)[rows] @ np.asarray(qc[b], np.int64)).astype(np.float32)
+        s = np.where(ok, s * np.asarray(scale)[rows] * np.asarray(qs)[b], -np.inf)
+        # duplicated probed blocks: keep the first occurrence of each row
+        _, first = np.unique(rows, return_index=True)
+        keep = np.zeros(rows.size, bool)
+        keep[first] = True
+        s = np.where(keep, s, -np.inf)
+        o = np.argsort(-s, kind="stable")[:k]
+        v = s[o]
+        out_v.append(np.pad(v, (0, k - v.size), constant_values=-np.inf))
+        out_i.append(np.pad(np.where(np.isfinite(v), rows[o], -1), (0, k - v.size),
+                            constant_values=-1))
+    return np.stack(out_v), np.stack(out_i)
+
+
+def unique_blocks(rng, b, nb, p):
+    return jnp.asarray(np.stack([rng.choice(nb, p, replace=False) for _ in range(b)]).astype(np.int32))
+
+
+@pytest.mark.parametrize("d,p,k,density", [(40, 13, 5, 0.5), (33, 7, 100, 0.3),
+                                           (64, 9, 700, 1.0), (24, 5, 9, 0.0)])
+def test_kernel_matches_twin_and_brute_force(rng, d, p, k, density):
+    q, codes, scale, _, _, _ = make(rng, d=d, p=p, density=density)
+    blocks = unique_blocks(rng, 3, 40, p)
+    bits = rng.random((3, p, 64)) < density
+    pm = jnp.asarray(np.packbits(bits, axis=-1, bitorder="little").view(np.uint32))
+    want = ivf_topk_reference(q, codes, scale, blocks, pm, k=k, block=64)
+    got = ivf_topk_pallas(q, codes, scale, blocks, pm, k=k, block=64, interpret=True)
+    ids_match(got, tuple(map(np.asarray, want)))
+    ids_match(got, brute(q, codes, scale, blocks, bits, k, 64))
+
+
+def test_saturated_group_is_still_exact(rng):
+    """All the best items sit in one group of blocks: the first pass saturates."""
+    q, codes, scale, _, _, _ = make(rng, b=1, d=32, p=16, density=1.0)
+    blocks = unique_blocks(rng, 1, 40, 16)
+    hot = np.asarray(blocks[0, :4])                 # the first group of 4 blocks
+    c = np.array(codes)
+    qc, _ = quantize_rows(q)
+    for blk in hot:
+        c[blk * 64:(blk + 1) * 64] = np.asarray(qc[0])
+    codes = jnp.asarray(c)
+    pm = jnp.full((1, 16, 2), 0xFFFFFFFF, jnp.uint32)
+    bits = np.ones((1, 16, 64), bool)
+    got = ivf_topk_pallas(q, codes, scale, blocks, pm, k=40, block=64, interpret=True)
+    ids_match(got, brute(q, codes, scale, blocks, bits, 40, 64))
+
+
+def test_dispatcher_and_errors(rng):
+    q, codes, scale, blocks, pm, _ = make(rng)
+    a = ivf_topk(q, codes, scale, blocks, pm, k=7, block=64)
+    b = ivf_topk(q, codes, scale, blocks, pm, k=7, block=64, backend="xla")
+    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    with pytest.raises(ValueError, match="pmask"):
+        ivf_topk_reference(q, codes, scale, blocks, pm[:, :, :1], k=7, block=64)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ivf_topk_reference(q, codes, scale, blocks, pm, k=7, block=48)
+
+
+@pytest.mark.parametrize("k", [10, 1024])
+def test_ivf_kernel_lowers_for_cuda(k):
+    S = jax.ShapeDtypeStruct
+    exp = lower_for_cuda(functools.partial(ivf_topk, k=k, block=64),
+                         S((16, 128), jnp.float32), S((1 << 20, 128), jnp.int8),
+                         S((1 << 20,), jnp.float32), S((16, 700), jnp.int32),
+                         S((16, 700, 2), jnp.uint32))
+    assert "xla.gpu.triton" in exp.mlir_module()
