@@ -5,14 +5,17 @@ Public API (kept small):
     import st_jax as st
     index = st.build_index(embeddings)                 # f32[N, D] -> Index
     res = st.search(index, queries, k, allow=None)     # -> SearchResult(ids, scores, count)
+    index = st.build_index(emb, attributes={"genre": [...]}, num_clusters=1024)
+    res = st.search(index, q, k, filter="genre:Comedy AND NOT year:1995", nprobe=32)
 """
+from st_jax._filter_lang import F, FilterError
 from st_jax._index import Index, build_index
 from st_jax._quant import dequantize, quantize_int8, score_error_bound
 from st_jax._search import search
 from st_jax._types import Int8Matrix, SearchResult
 
 __all__ = [
-    "Index", "Int8Matrix", "SearchResult", "build_index", "dequantize", "quantize_int8",
+    "F", "FilterError", "Index", "Int8Matrix", "SearchResult", "build_index", "dequantize", "quantize_int8",
     "score_error_bound", "search",
 ]
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.int8_topk import pack_mask, padded_dim, padded_rows
+from st_jax._filter_index import build_filter_index
 from st_jax._ivf import IVF, balanced_kmeans, ivf_layout, probe_caps
 from st_jax._quant import quantize_int8
 from st_jax._types import Int8Matrix, _static, pytree_dataclass
@@ -32,6 +33,8 @@ class Index:
       live: ``u32[n_rows // 32]`` bits of the rows holding real items, or None: the first N.
       ivf: :class:`~st_jax._ivf.IVF` or None (flat index).
       cache: ``bf16/f32[n_rows, D]`` float embeddings for exact re-ranking, or None.
+      filters: :class:`~st_jax._filter_index.FilterIndex` over the rows (bit-sliced Bloom +
+        exact rows + verification lists), or None when built without attributes.
       num_items: N (static); dim: D (static).
     """
 
@@ -41,6 +44,7 @@ class Index:
     live: Any = None
     ivf: Any = None
     cache: Any = None
+    filters: Any = None
     num_items: int = _static(default=0)
     dim: int = _static(default=0)
 
@@ -83,6 +87,7 @@ def _check_ids(ids, n: int):
 
 def build_index(embeddings, *, ids=None, num_clusters: int = 0, ivf_block: int = 64,
                 balance: float | None = 2.0, store_embeddings: str | None = None,
+                attributes=None, bloom_bits: int | None = None, num_hashes: int = 5,
                 seed: int = 0, progress: bool = False) -> Index:
     """Builds an Int8 index, flat or IVF.
 
@@ -95,7 +100,12 @@ def build_index(embeddings, *, ids=None, num_clusters: int = 0, ivf_block: int =
       balance: clusters larger than ``balance * N / C`` are split (None: never).
       store_embeddings: ``"bf16"`` or ``"f32"`` keeps float embeddings for exact re-ranking
         (``search(..., rerank=R)``); None keeps Int8 only.
-      seed: k-means seed; progress: show progress bars for long builds.
+      attributes: optional ``{field: values}`` with one value per item (str or int, a list
+        of them for multi-valued fields, None / [] when missing) for exact filtering with
+        ``search(..., filter=...)``.
+      bloom_bits: Bloom bits per item M (None: the sizing rule, see the README);
+        num_hashes: K hashes per Bloom term.
+      seed: k-means and Bloom hash seed; progress: show progress bars for long builds.
     Returns:
       :class:`Index`.
     Raises:
@@ -141,5 +151,29 @@ def build_index(embeddings, *, ids=None, num_clusters: int = 0, ivf_block: int =
             xf = jnp.where((perm < 0)[:, None], 0.0, xf[jnp.maximum(perm, 0)])
         cache = jnp.pad(xf, ((0, n_rows - xf.shape[0]), (0, 0))).astype(
             CACHE_DTYPES[store_embeddings])
+    filters = None
+    if attributes is not None:
+        filters = build_filter_index(_rows_of(attributes, n, perm), n if perm is None else n_rows,
+                                     n_rows, bloom_bits=bloom_bits, num_hashes=num_hashes,
+                                     seed=seed)
     return Index(items=items, ids=ext_ids, perm=perm, live=live, ivf=ivf, cache=cache,
-                 num_items=n, dim=d)
+                 filters=filters, num_items=n, dim=d)
+
+
+def _rows_of(attributes, n: int, perm) -> dict:
+    """Attributes by item position -> by index row (holes: missing)."""
+    if not hasattr(attributes, "items"):
+        raise ValueError("attributes must be a mapping {field: one value per item}")
+    out = {}
+    for field, values in attributes.items():
+        vals = list(values)
+        if len(vals) != n:
+            raise ValueError(f"attributes[{field!r}] has {len(vals)} values for {n} items")
+        if perm is None:
+            out[field] = vals
+        else:
+            arr = np.empty(len(vals) + 1, dtype=object)
+            arr[:-1] = vals
+            arr[-1] = None                     # holes read the extra None
+            out[field] = arr[np.asarray(perm)].tolist()
+    return out
