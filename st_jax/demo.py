@@ -1,7 +1,8 @@
-"""`make demo`: build an Int8 index over a synthetic catalogue and run filtered searches.
+"""`make demo`: build Int8 indexes over a synthetic catalogue and run filtered searches.
 
-Prints recall against the exact float32 filtered top-k, slots filled and latency for pass
-rates 100 / 10 / 1 / 0.1 % (later milestones grow this into train -> publish -> serve).
+Prints, for a flat index and an IVF index (with exact re-rank), recall against the exact
+float32 filtered top-k, slots filled and latency for attribute filters passing 100 / 10 / 1 /
+0.1 % of the items (later milestones grow this into train -> publish -> serve).
 """
 from __future__ import annotations
 
@@ -14,6 +15,18 @@ import numpy as np
 import st_jax as st
 from st_jax.synthetic import clustered_catalogue, exact_filtered_topk, recall
 
+FILTERS = {"*": None, "bucket10:b3": 10, "bucket100:b3": 100, "bucket1000:b3": 1000}
+
+
+def _time(fn, repeats=5):
+    jax.block_until_ready(fn())
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)) * 1e3
+
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -21,36 +34,53 @@ def main(argv=None) -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--clusters", type=int, default=None,
+                    help="IVF clusters (default ~ N / 500; 0 skips the IVF index)")
     args = ap.parse_args(argv)
+    n, k = args.items, args.k
+    clusters = max(1, n // 500) if args.clusters is None else args.clusters
 
-    print(f"st_jax {st.__version__} on {jax.devices()[0].platform} "
-          f"({jax.devices()[0].device_kind})")
-    cat = clustered_catalogue(args.items, args.dim, num_queries=args.batch, seed=0)
-    t = time.perf_counter()
-    index = st.build_index(cat.embeddings)
-    jax.block_until_ready(index)
-    print(f"built Int8 index: {args.items:,} items x {args.dim} dims in "
-          f"{time.perf_counter() - t:.2f}s, {index.bytes_per_item():.0f} bytes/item")
+    dev = jax.devices()[0]
+    print(f"st_jax {st.__version__} on {dev.platform} ({dev.device_kind})")
+    cat = clustered_catalogue(n, args.dim, num_queries=args.batch, seed=0)
     rng = np.random.default_rng(1)
-    print(f"\n{'pass rate':>10} {'recall@' + str(args.k):>11} {'slots filled':>13} "
-          f"{'ms / batch':>11} {'QPS':>9}")
-    for p in (1.0, 0.1, 0.01, 0.001):
-        allow = None if p == 1 else rng.random(args.items) < p
-        res = st.search(index, cat.queries, args.k, allow)      # compile + warm-up
-        jax.block_until_ready(res)
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            res = jax.block_until_ready(st.search(index, cat.queries, args.k, allow))
-            times.append(time.perf_counter() - t)
-        ms = float(np.median(times)) * 1e3
-        truth = exact_filtered_topk(cat.embeddings, cat.queries, args.k, allow)
-        eligible = args.items if allow is None else int(allow.sum())
-        filled = float(np.asarray(res.count).mean()) / min(args.k, eligible)
-        print(f"{p:>10.1%} {recall(np.asarray(res.ids), truth):>11.3f} {filled:>13.2f} "
-              f"{ms:>11.1f} {args.batch / ms * 1e3:>9.0f}")
-    top = np.asarray(st.search(index, cat.queries[:1], 5).ids[0])
-    print(f"\nquery 0, top 5 item ids: {top.tolist()}")
+    buckets = {m: rng.integers(0, m, n) for m in (10, 100, 1000)}
+    attrs = {f"bucket{m}": [f"b{v}" for v in col] for m, col in buckets.items()}
+
+    indexes = []
+    t = time.perf_counter()
+    indexes.append(("flat", jax.block_until_ready(st.build_index(cat.embeddings,
+                                                                 attributes=attrs)), {}))
+    print(f"flat Int8 index: {n:,} x {args.dim} in {time.perf_counter() - t:.1f}s, "
+          f"{indexes[0][1].bytes_per_item():.0f} bytes/item (codes, scales, filter rows)")
+    if clusters:
+        t = time.perf_counter()
+        ivf = jax.block_until_ready(st.build_index(cat.embeddings, attributes=attrs,
+                                                   num_clusters=clusters,
+                                                   store_embeddings="bf16"))
+        print(f"IVF index: {ivf.ivf.num_clusters} clusters in {time.perf_counter() - t:.1f}s, "
+              f"{ivf.bytes_per_item():.0f} bytes/item (+ bf16 re-rank cache)")
+        indexes.append(("IVF nprobe=16 rerank=4", ivf, {"nprobe": 16, "rerank": 4}))
+
+    print(f"\n{'index':>24} {'filter':>14} {'pass':>7} {'recall@' + str(k):>10} "
+          f"{'filled':>7} {'ivf/flat':>9} {'ms/batch':>9} {'QPS':>7}")
+    for name, index, kw in indexes:
+        for text, m in FILTERS.items():
+            allow = None if m is None else buckets[m] == 3
+            res = st.search(index, cat.queries, k, filter=text, **kw)
+            ms = _time(lambda: st.search(index, cat.queries, k, filter=text, **kw))
+            truth = exact_filtered_topk(cat.embeddings, cat.queries, k, allow)
+            eligible = n if allow is None else int(allow.sum())
+            filled = float(np.asarray(res.count).mean()) / min(k, eligible)
+            paths = np.asarray(res.path)
+            split = f"{(paths == 1).sum()}/{(paths != 1).sum()}"
+            print(f"{name:>24} {text:>14} {eligible / n:>7.1%} "
+                  f"{recall(np.asarray(res.ids), truth):>10.3f} {filled:>7.2f} {split:>9} "
+                  f"{ms:>9.1f} {args.batch / ms * 1e3:>7.0f}")
+    res = st.search(indexes[0][1], cat.queries[:1], 5,
+                    filter="bucket10:b3 AND NOT bucket100:b13")
+    print(f"\nquery 0, filter 'bucket10:b3 AND NOT bucket100:b13', top 5 ids: "
+          f"{np.asarray(res.ids[0]).tolist()}")
 
 
 if __name__ == "__main__":

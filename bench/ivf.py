@@ -1,0 +1,188 @@
+"""IVF with filters: st_jax vs faiss IVF-SQ8 and HNSW, recall-QPS curves over nprobe.
+
+N items x D dims (default 1M x 128, 1024 lists), batch 32, k in {100, 1024}; filters:
+uniform random with pass rates 100 / 10 / 1 / 0.1 % and a cluster-correlated ~1 % filter
+(all eligible items in a few planted clusters). For each configuration and probe width:
+recall@k against the exact float32 filtered top-k (normalised by min(k, eligible)), slots
+filled, QPS (median of repeats after warm-up, methods timed in the same process), and for
+st_jax the fraction of queries answered by the flat fallback. Peers: faiss
+IndexIVFScalarQuantizer(QT_8bit) with SearchParametersIVF(sel=, nprobe=), IndexHNSWFlat(32)
+with SearchParametersHNSW(sel=, efSearch=). Writes bench/results/ivf_<platform>.json and a
+recall-QPS plot ivf_<platform>.png beside it.
+
+    python bench/ivf.py                      # full (~15-25 min on 2 cores, HNSW build included)
+    python bench/ivf.py --items 100000 --nlist 256 --no-hnsw    # quick
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import st_jax as st  # noqa: E402
+from bench.ann import RESULTS, machine_info, write_json  # noqa: E402
+from st_jax.synthetic import clustered_catalogue, recall  # noqa: E402
+
+
+def median_time(fn, repeats):
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def filters(cat, rng, n):
+    out = {"100%": None, "10%": rng.random(n) < 0.1, "1%": rng.random(n) < 0.01,
+           "0.1%": rng.random(n) < 0.001}
+    # cluster-correlated: whole planted clusters (smallest first) until ~1 % of the items
+    sizes = np.bincount(cat.cluster)
+    chosen, total = [], 0
+    for c in np.argsort(sizes):
+        if total >= 0.01 * n:
+            break
+        chosen.append(c)
+        total += sizes[c]
+    out["1% cluster-correlated"] = np.isin(cat.cluster, chosen)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--nlist", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--ks", type=int, nargs="+", default=[100, 1024])
+    ap.add_argument("--nprobes", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    ap.add_argument("--efs", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--rerank", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-hnsw", action="store_true")
+    args = ap.parse_args(argv)
+    faiss.omp_set_num_threads(faiss.omp_get_max_threads())
+
+    cat = clustered_catalogue(args.items, args.dim, num_queries=args.batch, seed=0)
+    x, q = cat.embeddings, cat.queries
+    builds = {}
+    t = time.perf_counter()
+    index = jax.block_until_ready(st.build_index(x, num_clusters=args.nlist,
+                                                 store_embeddings="bf16", progress=True))
+    builds["st_jax"] = time.perf_counter() - t
+    flat = faiss.IndexFlatIP(args.dim)
+    flat.add(x)
+    t = time.perf_counter()
+    ivf = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(args.dim), args.dim, args.nlist,
+                                        faiss.ScalarQuantizer.QT_8bit,
+                                        faiss.METRIC_INNER_PRODUCT)
+    ivf.train(x)
+    ivf.add(x)
+    builds["faiss_ivf_sq8"] = time.perf_counter() - t
+    hnsw = None
+    if not args.no_hnsw:
+        t = time.perf_counter()
+        hnsw = faiss.IndexHNSWFlat(args.dim, 32, faiss.METRIC_INNER_PRODUCT)
+        hnsw.add(x)
+        builds["faiss_hnsw32"] = time.perf_counter() - t
+    print("build seconds", builds, flush=True)
+
+    rng = np.random.default_rng(11)
+    rows = []
+    for fname, allow in filters(cat, rng, args.items).items():
+        eligible = args.items if allow is None else int(allow.sum())
+        sel = None if allow is None else faiss.IDSelectorBitmap(
+            np.packbits(allow, bitorder="little"))
+        for k in args.ks:
+            denom = min(k, eligible)
+            truth = (flat.search(q, k) if sel is None else
+                     flat.search(q, k, params=faiss.SearchParameters(sel=sel)))[1]
+
+            def record(method, knob, fn, extra=None):
+                sec = median_time(fn, args.repeats)
+                ids = fn()
+                row = {"filter": fname, "eligible": eligible, "k": k, "method": method,
+                       "knob": knob, "recall": recall(ids, truth),
+                       "slots_filled": float((ids >= 0).sum(1).mean()) / denom,
+                       "qps": args.batch / sec, "ms_per_batch": sec * 1e3} | (extra or {})
+                rows.append(row)
+                print(f"{fname:>22} k={k:<5} {method:>14} {knob:>12}: recall "
+                      f"{row['recall']:.3f} filled {row['slots_filled']:.2f} "
+                      f"{row['qps']:8.0f} QPS" + (f" fallback {extra['fallback']:.2f}"
+                                                   if extra else ""), flush=True)
+
+            for nprobe in args.nprobes:
+                for rr in (None, args.rerank):
+                    def run_st(nprobe=nprobe, rr=rr):
+                        return np.asarray(jax.block_until_ready(
+                            st.search(index, q, k, allow, nprobe=nprobe, rerank=rr)).ids)
+                    res = st.search(index, q, k, allow, nprobe=nprobe, rerank=rr)
+                    fb = float((np.asarray(res.path) == 2).mean())
+                    record("st_jax" + (f"+rerank{rr}" if rr else ""), f"nprobe={nprobe}",
+                           run_st, {"fallback": fb})
+                params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe) if sel else \
+                    faiss.SearchParametersIVF(nprobe=nprobe)
+                record("faiss_ivf_sq8", f"nprobe={nprobe}",
+                       lambda params=params: ivf.search(q, k, params=params)[1])
+            if hnsw is not None:
+                for ef in args.efs:
+                    ef = max(ef, k)
+                    params = faiss.SearchParametersHNSW(sel=sel, efSearch=ef) if sel else \
+                        faiss.SearchParametersHNSW(efSearch=ef)
+                    record("faiss_hnsw32", f"ef={ef}",
+                           lambda params=params: hnsw.search(q, k, params=params)[1])
+
+    payload = {"benchmark": "ivf", "machine": machine_info(),
+               "params": vars(args) | {"data": "clustered_catalogue(seed=0)",
+                                       "st_jax_clusters": index.ivf.num_clusters},
+               "build_seconds": builds,
+               "bytes_per_item": {"st_jax": index.bytes_per_item(),
+                                  "st_jax_without_rerank_cache": index.bytes_per_item()
+                                  - 2 * args.dim * index.num_rows / args.items},
+               "results": rows}
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"ivf_{jax.devices()[0].platform}.json"
+    write_json(out, payload)
+    plot(rows, out.with_suffix(".png"))
+    print("wrote", out)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fnames = list(dict.fromkeys(r["filter"] for r in rows))
+    ks = sorted({r["k"] for r in rows})
+    fig, axes = plt.subplots(len(ks), len(fnames), figsize=(4 * len(fnames), 3.4 * len(ks)),
+                             squeeze=False)
+    for i, k in enumerate(ks):
+        for j, f in enumerate(fnames):
+            ax = axes[i][j]
+            for m in dict.fromkeys(r["method"] for r in rows):
+                pts = [(r["recall"], r["qps"]) for r in rows
+                       if r["k"] == k and r["filter"] == f and r["method"] == m]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=m)
+            ax.set_yscale("log")
+            ax.set_title(f"{f}, k={k}", fontsize=9)
+            ax.set_xlabel("recall")
+            ax.set_ylabel("QPS")
+            ax.axvline(0.95, color="grey", lw=0.5, ls="--")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()
