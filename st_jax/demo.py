@@ -60,7 +60,8 @@ def main(argv=None) -> None:
                                                    store_embeddings="bf16"))
         print(f"IVF index: {ivf.ivf.num_clusters} clusters in {time.perf_counter() - t:.1f}s, "
               f"{ivf.bytes_per_item():.0f} bytes/item (+ bf16 re-rank cache)")
-        indexes.append(("IVF nprobe=16 rerank=4", ivf, {"nprobe": 16, "rerank": 4}))
+        nprobe = min(16, ivf.ivf.num_clusters)
+        indexes.append((f"IVF nprobe={nprobe} rerank=4", ivf, {"nprobe": nprobe, "rerank": 4}))
 
     print(f"\n{'index':>24} {'filter':>14} {'pass':>7} {'recall@' + str(k):>10} "
           f"{'filled':>7} {'ivf/flat':>9} {'ms/batch':>9} {'QPS':>7}")
