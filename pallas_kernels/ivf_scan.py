@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.int8_topk import (BACKENDS, NEG_INF, exact_topk_from_tiles, padded_dim,
-                                      quantize_rows)
+from pallas_kernels.int8_topk import (BACKENDS, NEG_INF, _int_dot_f32, exact_topk_from_tiles,
+                                      padded_dim, quantize_rows)
 
 
 def _check(q, codes, scale, blocks, pmask, k, block):
@@ -66,8 +66,8 @@ def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int, gr
 
         def step(_, xs):
             blk, m = xs
-            x = codes_b[blk].reshape(g * block, d).astype(jnp.float32)
-            s = ((x @ qv.astype(jnp.float32)) * scale_b[blk].reshape(-1)) * qsc
+            x = codes_b[blk].reshape(g * block, d)
+            s = (_int_dot_f32(qv[None, :], x)[0] * scale_b[blk].reshape(-1)) * qsc
             ok = ((m[..., None] >> bits) & 1).reshape(-1).astype(bool)
             return None, jnp.where(ok, s, NEG_INF)
 
