@@ -1,0 +1,391 @@
+"""Training: two-tower phase, then OverArch phase on retrieved hard candidates; checkpoints.
+
+Phase 1 (steps [0, S1)): the towers learn with the in-batch sampled softmax (log-Q corrected),
+AdamW. Phase 2 (steps [S1, S1 + S2)): towers frozen; item and user embeddings are computed once;
+every user's top-`hard_pool` dot-product items (training items masked) form a hard-candidate
+pool; each step takes a batch of training interactions, `num_hard` negatives from the user's pool
+and `num_random` uniform negatives, and fits the OverArch with per-task sigmoid cross-entropy plus
+a listwise softmax term.
+
+Determinism: batch b of step s is drawn from numpy generators seeded by (seed, phase, s or epoch),
+never from state carried across steps, so resuming from a checkpoint at step s reproduces the
+uninterrupted run exactly. The hot loops are plain `jax.jit` functions over pure pytrees
+(`nnx.merge` inside), not `nnx.jit`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from training import _io
+from training._config import TrainConfig
+from training._data import Dataset, load_dataset
+from training._losses import overarch_loss, sampled_softmax_loss
+from training._trained import Graphs, TrainedModel, build_modules, split_params
+from training._value_model import ValueModel
+
+
+class CheckpointMismatchError(RuntimeError):
+    """`out_dir` holds checkpoints of a different configuration."""
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """`load(out_dir)` found no trained model there."""
+
+
+StepCallback = Callable[[int, dict], None]
+
+
+def dataset_for(config: TrainConfig) -> Dataset:
+    return load_dataset(config.data.name, config.data.synthetic)
+
+
+# ---------------------------------------------------------------------------------------------
+# jitted steps
+# ---------------------------------------------------------------------------------------------
+
+def _gather(features: dict, rows):
+    return {k: v[rows] for k, v in features.items()}
+
+
+def make_two_tower_step(graphs: Graphs, tx, task_weights: jax.Array, learn_temperature: bool):
+    """jit(params, opt_state, user_feats, item_feats, log_q_all, users i32[B], items i32[B],
+    labels f32[B, T]) -> (params, opt_state, loss f32[], per_task f32[T])."""
+
+    def loss_fn(params, uf, itf, log_q_all, users, items, labels):
+        u = nnx.merge(graphs.user_tower, params["user_tower"])(_gather(uf, users))
+        i = nnx.merge(graphs.item_tower, params["item_tower"])(_gather(itf, items))
+        t = params["log_inv_temperature"]
+        if not learn_temperature:
+            t = jax.lax.stop_gradient(t)
+        inv_t = jnp.exp(jnp.clip(t, 0.0, jnp.log(100.0)))
+        return sampled_softmax_loss(u, i, items, log_q_all[items], labels, inv_t, task_weights)
+
+    @jax.jit
+    def step(params, opt_state, uf, itf, log_q_all, users, items, labels):
+        (loss, per_task), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, uf, itf, log_q_all, users, items, labels)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, per_task
+
+    return step
+
+
+def make_overarch_step(graphs: Graphs, tx, listwise_weight: float,
+                       listwise_all_tasks: bool = False):
+    """jit(params, opt_state, user_emb f32[T, U, D], item_emb f32[N, D], users i32[B],
+    cands i32[B, C], labels f32[B, C, T], weights f32[B, C]) -> (params, opt_state, loss, per_task)."""
+
+    def loss_fn(params, user_emb, item_emb, users, cands, labels, weights):
+        logits = nnx.merge(graphs.overarch, params)(user_emb[:, users], item_emb[cands])
+        return overarch_loss(logits, labels, weights, listwise_weight, listwise_all_tasks)
+
+    @jax.jit
+    def step(params, opt_state, user_emb, item_emb, users, cands, labels, weights):
+        (loss, per_task), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, user_emb, item_emb, users, cands, labels, weights)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, per_task
+
+    return step
+
+
+@functools.lru_cache(maxsize=16)
+def _two_tower_step_cached(graphs, lr, wd, task_weights, learn_temperature):
+    return make_two_tower_step(graphs, optax.adamw(lr, weight_decay=wd),
+                               jnp.asarray(task_weights, jnp.float32), learn_temperature)
+
+
+@functools.lru_cache(maxsize=16)
+def _overarch_step_cached(graphs, lr, listwise_weight, listwise_all_tasks=False):
+    return make_overarch_step(graphs, optax.adamw(lr, weight_decay=1e-4), listwise_weight,
+                              listwise_all_tasks)
+
+
+def two_tower_optimizer(config: TrainConfig):
+    return optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+
+
+def overarch_optimizer(config: TrainConfig):
+    return optax.adamw(config.overarch.learning_rate, weight_decay=1e-4)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# deterministic batches
+# ---------------------------------------------------------------------------------------------
+
+class _EpochBatches:
+    """Batch of step s = rows of a per-epoch permutation seeded by (seed, 1, epoch)."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        self.n, self.batch, self.seed = n, min(batch, n), seed
+        self.per_epoch = max(1, n // self.batch)
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, j = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, 1, epoch]).permutation(self.n)
+            self._epoch = epoch
+        return self._perm[j * self.batch:(j + 1) * self.batch]
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _masked_topk(u, items, mask, k):
+    return jax.lax.top_k(jnp.where(mask, -jnp.inf, u @ items.T), k)[1]
+
+
+def hard_candidate_pool(user_emb: np.ndarray, item_emb: np.ndarray, dataset: Dataset,
+                        pool: int, chunk: int = 4096) -> np.ndarray:
+    """i32[U, H]: each user's top-H items by task-0 dot product, training items masked."""
+    seen = dataset.seen("valid")  # = the training items
+    h = min(pool, dataset.num_items)
+    items = jnp.asarray(item_emb)
+    topk = functools.partial(_masked_topk, k=h)
+    out = []
+    for s in range(0, dataset.num_users, chunk):
+        rows = np.arange(s, min(s + chunk, dataset.num_users))
+        mask = seen.dense_mask(rows, dataset.num_items)
+        out.append(np.asarray(topk(jnp.asarray(user_emb[0, rows]), items, jnp.asarray(mask))))
+    return np.concatenate(out).astype(np.int32)
+
+
+class _OverArchBatches:
+    """Batch of OverArch step s, seeded by (seed, 2, s): positives + pool / uniform negatives."""
+
+    def __init__(self, dataset: Dataset, pool: np.ndarray, cfg, seed: int):
+        self.d, self.pool, self.cfg, self.seed = dataset, pool, cfg, seed
+        tr = dataset.train
+        self.keys = np.unique(tr.user.astype(np.int64) * dataset.num_items + tr.item)
+
+    def __call__(self, step: int):
+        c, d, tr = self.cfg, self.d, self.d.train
+        rng = np.random.default_rng([self.seed, 2, step])
+        b = min(c.batch_size, len(tr))
+        pos = rng.integers(0, len(tr), size=b)
+        users, items = tr.user[pos], tr.item[pos]
+        hard = self.pool[users[:, None], rng.integers(0, self.pool.shape[1], size=(b, c.num_hard))]
+        rand = rng.integers(0, d.num_items, size=(b, c.num_random))
+        cands = np.concatenate([items[:, None], hard, rand], axis=1).astype(np.int32)
+        keys = users[:, None].astype(np.int64) * d.num_items + cands
+        is_pos = np.isin(keys, self.keys)
+        weights = np.where(is_pos[:, 1:], 0.0, 1.0)                 # drop false negatives
+        weights = np.concatenate([np.ones((b, 1)), weights], axis=1).astype(np.float32)
+        labels = np.zeros((b, cands.shape[1], len(d.tasks)), np.float32)
+        labels[:, 0] = tr.labels[pos]
+        return users.astype(np.int32), cands, labels, weights
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+
+class _Progress:
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self.t0, self.s0 = time.perf_counter(), initial
+
+    def update(self, step: int, n: int, phase: str, loss: float, examples_per_step: int):
+        if self.bar is None:
+            return
+        self.bar.update(n)
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix(phase=phase, loss=f"{loss:.4f}",
+                             **{"ex/s": f"{(step + 1 - self.s0) * examples_per_step / dt:,.0f}"})
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(config: TrainConfig, *, dataset: Dataset | None = None,
+          callback: StepCallback | None = None) -> TrainedModel:
+    """Trains towers then OverArch; resumes from `config.out_dir` checkpoints when present.
+
+    Args:
+      config: the TrainConfig.
+      dataset: an already loaded dataset matching `config.data` (optional, saves a reload).
+      callback: called as `callback(step, metrics)` after every step (`metrics` holds `phase`
+        and, every `log_every` steps, `loss`); an exception raised there stops training (the
+        checkpoints written so far stay, so a later `train` call resumes).
+    Returns: the TrainedModel (also written to `out_dir/model` with `config.json`).
+    Raises:
+      CheckpointMismatchError: `out_dir` has checkpoints from a different configuration.
+    """
+    ds = dataset if dataset is not None else dataset_for(config)
+    vm = ValueModel.parse(config.value_formula, ds.tasks)
+    tt, oa = build_modules(ds, config)
+    graphs, params = split_params(tt, oa)
+    tw = np.asarray(config.tower.task_weights or (1.0,) * len(ds.tasks), np.float32)
+    if tw.shape != (len(ds.tasks),):
+        raise ValueError(f"tower.task_weights needs {len(ds.tasks)} values (tasks {ds.tasks}), "
+                         f"got {config.tower.task_weights}")
+    tx_tt, tx_oa = two_tower_optimizer(config), overarch_optimizer(config)
+    tt_keys = ("user_tower", "item_tower", "log_inv_temperature")
+    state = {"tt_params": {k: params[k] for k in tt_keys}, "tt_opt": None,
+             "oa_params": params.get("overarch"), "oa_opt": None}
+    state["tt_opt"] = tx_tt.init(state["tt_params"])
+    if oa is not None:
+        state["oa_opt"] = tx_oa.init(state["oa_params"])
+    s1 = config.steps
+    s2 = config.overarch.steps if oa is not None else 0
+    total = s1 + s2
+
+    mngr, start = None, 0
+    if config.out_dir:
+        os.makedirs(config.out_dir, exist_ok=True)
+        cfg_path = os.path.join(config.out_dir, "config.json")
+        if os.path.exists(cfg_path):
+            old = TrainConfig.from_json(_io.read_json(cfg_path))
+            if old.training_fingerprint() != config.training_fingerprint():
+                raise CheckpointMismatchError(
+                    f"{config.out_dir} holds a run with a different configuration; use another "
+                    f"--out directory or delete it (differences: "
+                    f"{_diff(old.training_fingerprint(), config.training_fingerprint())})")
+        _io.write_json_atomic(cfg_path, config.to_json())
+        mngr = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(config.out_dir, "checkpoints")),
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.max_to_keep, create=True))
+        latest = mngr.latest_step()
+        if latest is not None:
+            flat = mngr.restore(latest, args=ocp.args.StandardRestore())
+            tmpl = {k: v for k, v in state.items() if v is not None}
+            restored = _io.unflatten(tmpl, flat)
+            state.update(restored)
+            start = latest
+
+    def save(step):
+        if mngr is not None:
+            mngr.save(step, args=ocp.args.StandardSave(
+                _io.flatten({k: v for k, v in state.items() if v is not None})), force=True)
+
+    ds_j = {"uf": {k: jnp.asarray(v) for k, v in ds.user_features.items()},
+            "itf": {k: jnp.asarray(v) for k, v in ds.item_features.items()}}
+    pop = ds.item_popularity()
+    log_q = (np.log(np.maximum(pop, 1.0) / max(pop.sum(), 1.0)) if config.tower.logq_correction
+             else np.zeros_like(pop))
+    log_q = jnp.asarray(log_q, jnp.float32)
+    progress = _Progress(total, start, config.progress)
+    history = []
+    try:
+        # ---- phase 1: two towers
+        if start < s1:
+            step_fn = _two_tower_step_cached(graphs, config.learning_rate, config.weight_decay,
+                                             tuple(float(x) for x in tw),
+                                             config.tower.learn_temperature)
+            batches = _EpochBatches(len(ds.train), config.batch_size, config.seed)
+            p, o = state["tt_params"], state["tt_opt"]
+            for s in range(start, s1):
+                idx = batches(s)
+                tr = ds.train
+                p, o, loss, per_task = step_fn(p, o, ds_j["uf"], ds_j["itf"], log_q,
+                                               jnp.asarray(tr.user[idx]), jnp.asarray(tr.item[idx]),
+                                               jnp.asarray(tr.labels[idx]))
+                m = {"phase": "two_tower"}
+                if (s + 1) % config.log_every == 0 or s + 1 == s1:
+                    m["loss"] = float(loss)
+                    m["per_task"] = {t: float(x) for t, x in zip(ds.tasks, per_task)}
+                    history.append({"step": s + 1, **m})
+                    progress.update(s, config.log_every if (s + 1) % config.log_every == 0
+                                    else (s + 1) % config.log_every, "two_tower", m["loss"],
+                                    len(idx))
+                state["tt_params"], state["tt_opt"] = p, o
+                if (s + 1) % config.checkpoint_every == 0 or s + 1 == s1:
+                    save(s + 1)
+                if callback is not None:
+                    callback(s + 1, m)
+        # ---- phase 2: OverArch on frozen embeddings
+        if oa is not None and start < total and s2 > 0:
+            tmp = TrainedModel(config, ds, graphs, {**state["tt_params"],
+                                                    "overarch": state["oa_params"]}, vm)
+            item_emb = tmp.item_embeddings()
+            user_emb = tmp.users_embeddings_by_row(np.arange(ds.num_users))
+            pool = hard_candidate_pool(user_emb, item_emb, ds, config.overarch.hard_pool)
+            batches = _OverArchBatches(ds, pool, config.overarch, config.seed)
+            step_fn = _overarch_step_cached(graphs, config.overarch.learning_rate,
+                                            config.overarch.listwise_weight,
+                                            config.overarch.listwise_all_tasks)
+            ue, ie = jnp.asarray(user_emb), jnp.asarray(item_emb)
+            p, o = state["oa_params"], state["oa_opt"]
+            for s in range(max(start, s1), total):
+                users, cands, labels, weights = batches(s - s1)
+                p, o, loss, per_task = step_fn(p, o, ue, ie, jnp.asarray(users),
+                                               jnp.asarray(cands), jnp.asarray(labels),
+                                               jnp.asarray(weights))
+                m = {"phase": "overarch"}
+                k = s + 1 - s1
+                if k % config.log_every == 0 or s + 1 == total:
+                    m["loss"] = float(loss)
+                    m["per_task"] = {t: float(x) for t, x in zip(ds.tasks, per_task)}
+                    history.append({"step": s + 1, **m})
+                    progress.update(s, config.log_every if k % config.log_every == 0
+                                    else k % config.log_every, "overarch", m["loss"],
+                                    cands.size)
+                state["oa_params"], state["oa_opt"] = p, o
+                if (s + 1) % config.checkpoint_every == 0 or s + 1 == total:
+                    save(s + 1)
+                if callback is not None:
+                    callback(s + 1, m)
+    finally:
+        progress.close()
+        if mngr is not None:
+            mngr.wait_until_finished()
+            mngr.close()
+
+    final = {**state["tt_params"]}
+    if state["oa_params"] is not None:
+        final["overarch"] = state["oa_params"]
+    model = TrainedModel(config, ds, graphs, final, vm)
+    if config.out_dir:
+        _io.save_tree(os.path.join(config.out_dir, "model"), final)
+        _io.write_json_atomic(os.path.join(config.out_dir, "train_log.json"),
+                              {"history": history, "dataset": ds.summary()})
+        if config.evaluate_at_end:
+            from training._evaluate import evaluate
+            _io.write_json_atomic(os.path.join(config.out_dir, "metrics.json"),
+                                  evaluate(model, ds))
+    return model
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _diff(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return out
+
+
+def load(out_dir: str, *, dataset: Dataset | None = None) -> TrainedModel:
+    """Loads what `train` (or `st-jax train`) wrote to `out_dir`.
+
+    Raises: ModelNotFoundError when `out_dir` holds no finished model.
+    """
+    cfg_path = os.path.join(out_dir, "config.json")
+    model_path = os.path.join(out_dir, "model")
+    if not (os.path.exists(cfg_path) and os.path.isdir(model_path)):
+        raise ModelNotFoundError(
+            f"no trained model in {out_dir!r} (expected config.json and model/); train one with "
+            f"`st-jax train --out {out_dir}` or training.train(config)")
+    config = TrainConfig.from_json(_io.read_json(cfg_path))
+    ds = dataset if dataset is not None else dataset_for(config)
+    tt, oa = build_modules(ds, config)
+    graphs, params = split_params(tt, oa)
+    params = _io.unflatten(params, _io.load_flat(model_path))
+    return TrainedModel(config, ds, graphs, params, ValueModel.parse(config.value_formula,
+                                                                     ds.tasks))
