@@ -178,6 +178,21 @@ def _int_dot_f32(qc: jax.Array, codes: jax.Array) -> jax.Array:
     return acc.astype(jnp.float32)
 
 
+def _int_dot_batched(qc: jax.Array, x: jax.Array) -> jax.Array:
+    """Exact per-query integer dots ``f32[B, M]`` of ``i8[B, D]`` and ``i8[B, M, D]``
+    (same exactness argument as :func:`_int_dot_f32`)."""
+    d = qc.shape[1]
+    acc = None
+    for s in range(0, d, _EXACT_F32_D):
+        part = jnp.einsum("bmd,bd->bm", x[..., s:s + _EXACT_F32_D].astype(jnp.bfloat16),
+                          qc[:, s:s + _EXACT_F32_D].astype(jnp.bfloat16),
+                          preferred_element_type=jnp.float32)
+        if d <= _EXACT_F32_D:
+            return part
+        acc = part.astype(jnp.int32) if acc is None else acc + part.astype(jnp.int32)
+    return acc.astype(jnp.float32)
+
+
 def int8_scores_reference(q, codes, scale, mask=None, *, num_valid=None):
     """All masked Int8 scores ``f32[B, N]`` (-inf where ineligible). Test/debug helper."""
     n = codes.shape[0]
@@ -206,13 +221,14 @@ def int8_topk_reference(q, codes, scale, mask=None, *, k: int, num_valid: int | 
     Returns:
       ``(scores f32[B, k], ids i32[B, k])``, best first, ``-inf`` / ``-1`` padded.
 
-    Algorithm: scores are computed chunk by chunk, slicing the item matrix in place (the
-    int8 → f32 conversion stays in cache), together with the maxima of groups of ``fanout``
-    and ``fanout**2`` consecutive items. Then an exact hierarchical top-k: the k best large
-    groups by maximum, the k best of their sub-groups, the k best of those items. Every true
-    top-k item lies in a selected group at each level, since its group's maximum is at least
-    its score (ties at the k-th value aside). Each ``top_k`` sees ``k * fanout`` values instead
-    of N: several times cheaper than one ``lax.top_k`` over all N on CPU.
+    Algorithm: pass 1 scores the items chunk by chunk, slicing the item matrix in place (the
+    int8 → bf16 conversion stays in cache), and keeps only the maxima of groups of ``fanout``
+    and ``fanout**2`` consecutive items. Then an exact hierarchical selection: the k best large
+    groups by maximum, the k best of their sub-groups; pass 2 gathers those ``k * fanout``
+    items per query and rescores them exactly, so the ``[B, N]`` scores are never stored
+    (storing them costs ~30% of the scan). For large k (``k * fanout * D > 2N``) gathering
+    costs more than storing: pass 1 then keeps the scores and pass 2 reads them. Every true top-k item lies in a selected group at each
+    level, since its group's maximum is at least its score (ties at the k-th value aside).
     """
     _check_inputs(q, codes, scale, mask, k)
     n, d = codes.shape
@@ -230,12 +246,19 @@ def int8_topk_reference(q, codes, scale, mask=None, *, k: int, num_valid: int | 
     if mask is not None:
         ok_all = ok_all & unpack_mask(jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [
             (0, -(-n_items // 32) - mask.shape[-1])]), n_items)
-    ok_all = jnp.broadcast_to(ok_all, (b, n_items)) if ok_all.ndim == 2 else ok_all
+    starts = jnp.minimum(jnp.arange(nc) * c, n_items - c)
+
+    def scores_of(rows, chunk_of):
+        """Masked exact scores ``f32[B, M]`` of item rows ``i32[B, M]`` (chunk ``i32[B, M]``
+        they were scanned in: items a shifted last chunk re-reads are masked there)."""
+        s = _int_dot_batched(qc, codes[rows]) * scale[rows] * qs[:, None]
+        ok = (ok_all[rows] if ok_all.ndim == 1 else jnp.take_along_axis(ok_all, rows, 1))
+        return jnp.where(ok & (rows >= chunk_of * c), s, NEG_INF)
 
     def body(_, i):
         # chunks slice the arrays in place; the last one is shifted back to fit and its
         # items already covered by the previous chunk are masked out.
-        start = jnp.minimum(i * c, n_items - c)
+        start = starts[i]
         cc = lax.dynamic_slice_in_dim(codes, start, c, 0)
         sc = lax.dynamic_slice_in_dim(scale, start, c, 0)
         ok = lax.dynamic_slice_in_dim(ok_all, start, c, ok_all.ndim - 1)
@@ -243,28 +266,33 @@ def int8_topk_reference(q, codes, scale, mask=None, *, k: int, num_valid: int | 
         s = jnp.where(ok, (_int_dot_f32(qc, cc) * sc[None, :]) * qs[:, None], NEG_INF)
         g1 = jnp.max(s.reshape(b, c // fanout, fanout), axis=-1)
         g2 = jnp.max(g1.reshape(b, c // leaf, fanout), axis=-1)
-        return None, (s, g1, g2, start)
+        return None, ((s, g1, g2) if store else (g1, g2))
 
-    _, (s, g1, g2, starts) = lax.scan(body, None, jnp.arange(nc))  # [nc, B, c], ..., [nc]
-    if nc * (c // leaf) <= k:   # too few groups to pre-select: plain top_k over everything
-        flat = jnp.moveaxis(s, 0, 1).reshape(b, nc * c)
-        vals, pos = lax.top_k(flat, min(k, nc * c))
-        idx = starts[pos // c] + pos % c
-        return _pad_k(*_finish(vals, idx), k)
-    # level 2: the k best groups of `leaf` items; level 1: their k best sub-groups; level 0.
-    rows = jnp.arange(b)[:, None]
-    g2f = jnp.moveaxis(g2, 0, 1).reshape(b, -1)
-    _, top2 = lax.top_k(g2f, k)                                              # [B, k]
+    if nc * (c // leaf) <= k:   # too few groups to pre-select: every item is a candidate
+        rows = jnp.broadcast_to(jnp.arange(nc * c) % c + jnp.repeat(starts, c), (b, nc * c))
+        vals, pos = lax.top_k(scores_of(rows, jnp.broadcast_to(jnp.repeat(jnp.arange(nc), c),
+                                                                (b, nc * c))), min(k, nc * c))
+        return _pad_k(*_finish(vals, jnp.take_along_axis(rows, pos, 1)), k)
+    # Pass 1 keeps the group maxima; the k best large groups, then the k best of their
+    # sub-groups; pass 2 rescores those k * fanout items exactly — unless gathering them
+    # costs more than storing all scores (large k), then pass 1 stores the scores.
+    store = k * fanout * d > 2 * n_items
+    _, out = lax.scan(body, None, jnp.arange(nc))                   # [nc,B,c/f], [nc,B,c/f²]
+    s_all, g1, g2 = out if store else (None, *out)
+    rows_b = jnp.arange(b)[:, None]
+    _, top2 = lax.top_k(jnp.moveaxis(g2, 0, 1).reshape(b, -1), k)            # [B, k]
     ch, w2 = top2 // (c // leaf), top2 % (c // leaf)
-    cand1 = g1.reshape(nc, b, c // leaf, fanout)[ch, rows, w2].reshape(b, k * fanout)
+    cand1 = g1.reshape(nc, b, c // leaf, fanout)[ch, rows_b, w2].reshape(b, k * fanout)
     _, p1 = lax.top_k(cand1, k)
-    ch1 = jnp.take_along_axis(ch, p1 // fanout, axis=1)
+    ch1 = jnp.take_along_axis(ch, p1 // fanout, axis=1)                        # [B, k]
     w1 = jnp.take_along_axis(w2, p1 // fanout, axis=1) * fanout + p1 % fanout  # group in chunk
-    cand0 = s.reshape(nc, b, c // fanout, fanout)[ch1, rows, w1].reshape(b, k * fanout)
-    vals, p0 = lax.top_k(cand0, k)
-    ch0 = jnp.take_along_axis(ch1, p0 // fanout, axis=1)
-    within = jnp.take_along_axis(w1, p0 // fanout, axis=1) * fanout + p0 % fanout
-    return _finish(vals, starts[ch0] + within)
+    rows = (starts[ch1] + w1 * fanout)[:, :, None] + jnp.arange(fanout)        # [B, k, f]
+    if store:
+        s0 = s_all.reshape(nc, b, c // fanout, fanout)[ch1, rows_b, w1].reshape(b, -1)
+    else:
+        s0 = scores_of(rows.reshape(b, -1), jnp.repeat(ch1, fanout, axis=1))
+    vals, p0 = lax.top_k(s0, k)
+    return _finish(vals, jnp.take_along_axis(rows.reshape(b, -1), p0, axis=1))
 
 
 # --------------------------------------------------------------------------------------

@@ -60,7 +60,8 @@ def make(rng, b, n, d, p=0.4, per_query=False):
 # ---------------- the XLA twin ----------------
 
 @pytest.mark.parametrize("b,n,d,k", [(3, 1000, 50, 10), (5, 777, 33, 100), (2, 20000, 24, 64),
-                                      (4, 300, 16, 300), (4, 300, 16, 500), (1, 5000, 1100, 7)])
+                                      (4, 300, 16, 300), (4, 300, 16, 500), (1, 5000, 1100, 7),
+                                      (1, 20000, 1040, 1)])
 @pytest.mark.parametrize("per_query", [False, True])
 def test_twin_matches_brute_force(rng, b, n, d, k, per_query):
     q, m, allow = make(rng, b, n, d, per_query=per_query)
