@@ -268,17 +268,17 @@ def int8_topk_reference(q, codes, scale, mask=None, *, k: int, num_valid: int | 
         g2 = jnp.max(g1.reshape(b, c // leaf, fanout), axis=-1)
         return None, ((s, g1, g2) if store else (g1, g2))
 
-    if nc * (c // leaf) <= k:   # too few groups to pre-select: every item is a candidate
-        rows = jnp.broadcast_to(jnp.arange(nc * c) % c + jnp.repeat(starts, c), (b, nc * c))
-        vals, pos = lax.top_k(scores_of(rows, jnp.broadcast_to(jnp.repeat(jnp.arange(nc), c),
-                                                                (b, nc * c))), min(k, nc * c))
-        return _pad_k(*_finish(vals, jnp.take_along_axis(rows, pos, 1)), k)
     # Pass 1 keeps the group maxima; the k best large groups, then the k best of their
     # sub-groups; pass 2 rescores those k * fanout items exactly — unless gathering them
-    # costs more than storing all scores (large k), then pass 1 stores the scores.
-    store = k * fanout * d > 2 * n_items
+    # costs more than storing all scores (large k), then pass 1 stores the scores. With too
+    # few groups to pre-select, every item is a candidate: plain top_k over stored scores.
+    few = nc * (c // leaf) <= k
+    store = few or k * fanout * d > 2 * n_items
     _, out = lax.scan(body, None, jnp.arange(nc))                   # [nc,B,c/f], [nc,B,c/f²]
     s_all, g1, g2 = out if store else (None, *out)
+    if few:
+        vals, pos = lax.top_k(jnp.moveaxis(s_all, 0, 1).reshape(b, nc * c), min(k, nc * c))
+        return _pad_k(*_finish(vals, starts[pos // c] + pos % c), k)
     rows_b = jnp.arange(b)[:, None]
     _, top2 = lax.top_k(jnp.moveaxis(g2, 0, 1).reshape(b, -1), k)            # [B, k]
     ch, w2 = top2 // (c // leaf), top2 % (c // leaf)

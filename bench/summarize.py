@@ -1,0 +1,109 @@
+"""Markdown tables (for the README) from the JSON files in bench/results/.
+
+    python bench/summarize.py            # prints every table it has data for
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _load(name):
+    p = RESULTS / name
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _machine(d):
+    m = d["machine"]
+    return (f"*{m.get('cpu', '?')}, {m.get('cores', m.get('cpu_count', '?'))} cores, "
+            f"{m.get('platform', '')}, jax {m.get('jax', d.get('versions', {}).get('jax', '?'))}*")
+
+
+def ann():
+    d = _load("ann_cpu.json")
+    if not d:
+        return ""
+    rr = next(k for k in d["results"][0] if k.startswith("st_jax_rerank"))
+    p = d["params"]
+    out = [f"**Flat filtered Int8 search** (`bench/ann.py`, N = {p['items']:,}, D = {p['dim']}, "
+           f"B = {p['batch']}; {_machine(d)})", "",
+           "| pass rate | k | st_jax recall | st_jax QPS | + rerank recall | + rerank QPS | "
+           "faiss SQ8 recall | faiss SQ8 QPS | speed-up (Int8 / rerank) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        s, x, f = r["st_jax"], r[rr], r["faiss_sq8"]
+        out.append(f"| {r['pass_rate']:.1%} | {r['k']} | {s['recall']:.3f} | {s['qps']:.0f} | "
+                   f"{x['recall']:.3f} | {x['qps']:.0f} | {f['recall']:.3f} | {f['qps']:.0f} | "
+                   f"{r['speedup_vs_sq8']:.2f}× / {r['speedup_vs_sq8_rerank']:.2f}× |")
+    b = d["bytes_per_item"]
+    out += ["", f"Bytes/item: st_jax {b['st_jax']:.0f} (+ bf16 cache {b['st_jax_with_bf16_cache']:.0f}), "
+            f"faiss SQ8 {b['faiss_sq8']}. All slots filled in every row."]
+    return "\n".join(out)
+
+
+def filter_search():
+    d = _load("filter_search_cpu.json")
+    if not d:
+        return ""
+    p = d["params"]
+    out = [f"**End-to-end filtered search** (`bench/filter_search.py`, N = {p['items']:,}, "
+           f"D = {p['dim']}, B = {p['batch']}, k = {p['k']}; {_machine(d)})", "",
+           "| filter | pass rate | st_jax recall | false positives | st_jax QPS | "
+           "faiss SQ8 + bitmap recall | faiss QPS |", "|---|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        s, f = r["st_jax"], r["faiss_sq8_bitmap"]
+        out.append(f"| `{r['filter']}` | {r['pass_rate']:.2%} | {s['recall']:.3f} | "
+                   f"{s['false_positives']} | {s['qps']:.0f} | {f['recall']:.3f} | {f['qps']:.0f} |")
+    return "\n".join(out)
+
+
+def ivf():
+    d = _load("ivf_cpu.json")
+    if not d:
+        return ""
+    p = d["params"]
+    out = [f"**IVF with filters** (`bench/ivf.py`, N = {p['items']:,}, D = {p['dim']}, "
+           f"nlist = {p['nlist']}, B = {p['batch']}; {_machine(d)}). Best QPS reaching recall "
+           "≥ 0.95 (— = never reached), and the best recall reached:", "",
+           "| filter | k | method | best recall (knob) | QPS at recall ≥ 0.95 (knob) | slots filled |",
+           "|---|---|---|---|---|---|"]
+    rows = d["results"]
+    keys = list(dict.fromkeys((r["filter"], r["k"], r["method"]) for r in rows))
+    for f, k, m in keys:
+        rs = [r for r in rows if (r["filter"], r["k"], r["method"]) == (f, k, m)]
+        best = max(rs, key=lambda r: r["recall"])
+        ok = [r for r in rs if r["recall"] >= 0.95]
+        fast = max(ok, key=lambda r: r["qps"]) if ok else None
+        q = f"{fast['qps']:.0f} ({fast['knob']})" if fast else "—"
+        out.append(f"| {f} | {k} | {m} | {best['recall']:.3f} ({best['knob']}) | {q} | "
+                   f"{best['slots_filled']:.2f} |")
+    bs = d["build_seconds"]
+    out += ["", "Build seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in bs.items()) + "."]
+    return "\n".join(out)
+
+
+def train():
+    d = _load("train_ml100k.json")
+    if not d:
+        return ""
+    a = d["aggregate_over_seeds"]
+    g = lambda key: a[key]  # noqa: E731
+    return "\n".join([
+        f"**MovieLens-100K training** (`bench/train_ml100k.py`, seeds {d['seeds']}, test split, "
+        f"task `watch`; {_machine(d)})", "",
+        "| metric | mean | min | max | target |", "|---|---|---|---|---|",
+        *[f"| {name} | {g(key)['mean']:.4f} | {g(key)['min']:.4f} | {g(key)['max']:.4f} | {t} |"
+          for name, key, t in [
+              ("popularity Recall@20", "popularity_recall@20", ""),
+              ("two-tower Recall@20", "two_tower_recall@20", ""),
+              ("two-tower / popularity", "two_tower_over_popularity_recall@20", "≥ 1.3"),
+              ("MoL OverArch re-rank (top 200) Recall@20", "overarch_rerank_recall@20", ""),
+              ("relative gain of the re-rank", "overarch_rerank_relative_gain_recall@20", "≥ 0.05")]]])
+
+
+if __name__ == "__main__":
+    for table in (ann(), filter_search(), ivf(), train()):
+        if table:
+            print(table + "\n")
