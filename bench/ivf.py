@@ -16,7 +16,6 @@ recall-QPS plot ivf_<platform>.png beside it.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,17 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import st_jax as st  # noqa: E402
 from bench.ann import RESULTS, machine_info, write_json  # noqa: E402
+from st_jax._timing import median_seconds  # noqa: E402
 from st_jax.synthetic import clustered_catalogue, recall  # noqa: E402
-
-
-def median_time(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def filters(cat, rng, n):
@@ -108,7 +98,7 @@ def main(argv=None):
                      flat.search(q, k, params=faiss.SearchParameters(sel=sel)))[1]
 
             def record(method, knob, fn, extra=None):
-                sec = median_time(fn, args.repeats)
+                sec = median_seconds(fn, args.repeats)
                 ids = fn()
                 row = {"filter": fname, "eligible": eligible, "k": k, "method": method,
                        "knob": knob, "recall": recall(ids, truth),

@@ -12,17 +12,15 @@ bench/results/kernel_<device>.json. Needs a CUDA device (exits with a message ot
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.ann import RESULTS, machine_info, write_json  # noqa: E402
+from st_jax._timing import median_seconds  # noqa: E402
 from pallas_kernels.int8_topk import (int8_topk_pallas, int8_topk_reference, pack_mask,  # noqa: E402
                                       saturation_rate)
 
@@ -34,16 +32,6 @@ def roofline(kind: str) -> float | None:
         if key in kind:
             return tbs * 1e12
     return None
-
-
-def median_time(fn, repeats=20):
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def main(argv=None):
@@ -70,7 +58,7 @@ def main(argv=None):
         mask = pack_mask(allow)
         kern = jax.jit(lambda: int8_topk_pallas(q, codes, scale, mask, k=args.k))
         twin = jax.jit(lambda: int8_topk_reference(q, codes, scale, mask, k=args.k))
-        t_k, t_x = median_time(kern), median_time(twin)
+        t_k, t_x = median_seconds(kern, 20), median_seconds(twin, 20)
         vk, ik = kern()
         vx, ix = twin()
         nbytes = codes.size + scale.size * 4 + mask.size * 4

@@ -111,22 +111,9 @@ def filter_bounds_xla(rows, ops, rowids, lengths, word_ids=None, *, num_hashes: 
         i2 = jnp.clip(sp - 2, 0, S - 1)
         l1, u1 = lo_st[bidx, i1], up_st[bidx, i1]
         l2, u2 = lo_st[bidx, i2], up_st[bidx, i2]
-        o = op[:, None]
-        zero = jnp.zeros_like(leaf)
-        lo = jnp.where(o == TERM_EXACT, leaf, zero)
-        up = leaf
-        lo = jnp.where(o == AND, l1 & l2, lo)
-        up = jnp.where(o == AND, u1 & u2, up)
-        lo = jnp.where(o == OR, l1 | l2, lo)
-        up = jnp.where(o == OR, u1 | u2, up)
-        lo = jnp.where(o == NOT, ~u1, lo)
-        up = jnp.where(o == NOT, ~l1, up)
-        is_term = (op == TERM_EXACT) | (op == TERM_BLOOM)
-        binop = (op == AND) | (op == OR)
-        dst = jnp.where(is_term, sp, jnp.where(binop, sp - 2, jnp.where(op == NOT, sp - 1, S)))
+        lo, up, dst, sp = _interval_step(op, op[:, None], leaf, l1, u1, l2, u2, sp, S)
         lo_st = lo_st.at[bidx, dst].set(lo, mode="drop")
         up_st = up_st.at[bidx, dst].set(up, mode="drop")
-        sp = sp + jnp.where(is_term, 1, jnp.where(binop, -1, 0))
         return sp, lo_st, up_st
 
     z = jnp.zeros((Bp, S, W), jnp.uint32)
@@ -134,6 +121,30 @@ def filter_bounds_xla(rows, ops, rowids, lengths, word_ids=None, *, num_hashes: 
     n = jnp.minimum(jnp.max(lengths), P)
     _, lo_st, up_st = lax.fori_loop(0, n, body, init)
     return lo_st[:, 0], up_st[:, 0]
+
+
+def _interval_step(op, o, leaf, l1, u1, l2, u2, sp, S):
+    """One postfix instruction on interval bounds — shared by the XLA twin and the kernel.
+
+    ``op``: opcode (scalar, or ``[Bp]`` in the twin); ``o``: ``op`` broadcastable against the
+    words; ``leaf``: AND of the instruction's rows; ``(l1, u1)``, ``(l2, u2)``: the top two
+    stack entries; ``sp``: stack pointer. Returns ``(lower, upper, destination slot, new sp)``
+    (destination ``S`` = nothing written).
+    """
+    lo = jnp.where(o == TERM_EXACT, leaf, jnp.zeros_like(leaf))  # Bloom term: (empty, rows)
+    up = leaf
+    lo = jnp.where(o == AND, l1 & l2, lo)
+    up = jnp.where(o == AND, u1 & u2, up)
+    lo = jnp.where(o == OR, l1 | l2, lo)
+    up = jnp.where(o == OR, u1 | u2, up)
+    lo = jnp.where(o == NOT, ~u1, lo)                             # NOT swaps the bounds
+    up = jnp.where(o == NOT, ~l1, up)
+    is_term = (op == TERM_EXACT) | (op == TERM_BLOOM)
+    binop = (op == AND) | (op == OR)
+    dst = jnp.where(is_term, sp, jnp.where(binop, sp - 2, jnp.where(op == NOT, sp - 1, S)))
+    # (selects between sp +- 1 rather than between literals: the Triton lowering of a
+    # select of two constants fails)
+    return lo, up, dst, jnp.where(is_term, sp + 1, jnp.where(binop, sp - 1, sp))
 
 
 # ----------------------------------------------------------------------------- Pallas kernel
@@ -159,18 +170,7 @@ def _stack_eval(load, ops_ref, rid_ref, n, lo_ref, up_ref, *, num_hashes: int, k
             leaf = leaf & load(rid_ref[p * kp + k])
         l1, u1 = pick(los, sp - 1), pick(ups, sp - 1)
         l2, u2 = pick(los, sp - 2), pick(ups, sp - 2)
-        lo = jnp.where(op == TERM_EXACT, leaf, zeros)
-        up = leaf
-        lo = jnp.where(op == AND, l1 & l2, lo)
-        up = jnp.where(op == AND, u1 & u2, up)
-        lo = jnp.where(op == OR, l1 | l2, lo)
-        up = jnp.where(op == OR, u1 | u2, up)
-        lo = jnp.where(op == NOT, ~u1, lo)
-        up = jnp.where(op == NOT, ~l1, up)
-        is_term = (op == TERM_EXACT) | (op == TERM_BLOOM)
-        binop = (op == AND) | (op == OR)
-        dst = jnp.where(is_term, sp, jnp.where(binop, sp - 2, jnp.where(op == NOT, sp - 1, S)))
-        sp = jnp.where(is_term, sp + 1, jnp.where(binop, sp - 1, sp))
+        lo, up, dst, sp = _interval_step(op, op, leaf, l1, u1, l2, u2, sp, S)
         los = tuple(jnp.where(dst == j, lo, los[j]) for j in range(S))
         ups = tuple(jnp.where(dst == j, up, ups[j]) for j in range(S))
         return sp, los, ups

@@ -13,19 +13,10 @@ import jax
 import numpy as np
 
 import st_jax as st
+from st_jax._timing import median_seconds
 from st_jax.synthetic import clustered_catalogue, exact_filtered_topk, recall
 
 FILTERS = {"*": None, "bucket10:b3": 10, "bucket100:b3": 100, "bucket1000:b3": 1000}
-
-
-def _time(fn, repeats=5):
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) * 1e3
 
 
 def main(argv=None) -> None:
@@ -69,7 +60,7 @@ def main(argv=None) -> None:
         for text, m in FILTERS.items():
             allow = None if m is None else buckets[m] == 3
             res = st.search(index, cat.queries, k, filter=text, **kw)
-            ms = _time(lambda: st.search(index, cat.queries, k, filter=text, **kw))
+            ms = median_seconds(lambda: st.search(index, cat.queries, k, filter=text, **kw)) * 1e3
             truth = exact_filtered_topk(cat.embeddings, cat.queries, k, allow)
             eligible = n if allow is None else int(allow.sum())
             filled = float(np.asarray(res.count).mean()) / min(k, eligible)

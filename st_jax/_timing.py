@@ -1,0 +1,19 @@
+"""Timing helper shared by the demo and the benchmarks (never used in tests)."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+
+
+def median_seconds(fn, repeats: int = 5) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after one warm-up call (which
+    includes compilation); results are waited for with ``jax.block_until_ready``."""
+    jax.block_until_ready(fn())
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
