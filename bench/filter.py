@@ -276,8 +276,10 @@ def main():
         del fi
     res["queries"] = rows
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    tmp = args.out + ".tmp"                 # atomic: temporary file + rename
+    with open(tmp, "w") as f:
         json.dump(res, f, indent=1, default=str)
+    os.replace(tmp, args.out)
     print("wrote", args.out)
 
 
