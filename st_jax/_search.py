@@ -10,6 +10,7 @@ from jax import lax
 
 from pallas_kernels.int8_topk import BACKENDS, MAX_K, NEG_INF, int8_topk, pack_mask, unpack_mask
 from st_jax._filter_index import compile_filter, filter_mask
+from st_jax._filter_lang import Const, Expr, FilterError, parse_filter
 from st_jax._index import Index
 from pallas_kernels.ivf_scan import ivf_topk
 from st_jax._ivf import partial_mask, probed_blocks
@@ -87,6 +88,16 @@ def _flat_rows(codes, scale, q, mask, *, k: int, backend: str, num_valid: int):
     branches = [sparse(c) for c in caps] + [lambda: dense(q, codes, scale, mask)]
     which = jnp.sum(eligible > jnp.asarray(caps, jnp.int32))
     return lax.switch(which, branches)
+
+
+def _matches_everything(filter) -> bool:
+    """True for ``*`` / empty / ``F.all()`` (shared or for every query): no mask needed.
+    Syntax errors are left to ``compile_filter``, which reports them with the column."""
+    filters = [filter] if isinstance(filter, (str, Expr)) else list(filter)
+    try:
+        return bool(filters) and all(parse_filter(f) == Const(True) for f in filters)
+    except FilterError:
+        return False
 
 
 def _popcount_rows(words, batch):
@@ -226,7 +237,7 @@ def search(index: Index, queries, k: int, allow=None, *, filter=None,
             raise ValueError(f"queries have NaN or Inf values in rows {bad[:10].tolist()}")
     mask = eligibility_words(index, allow, q.shape[0])
     prog = None
-    if filter is not None:
+    if filter is not None and not _matches_everything(filter):
         if index.filters is None:
             raise ValueError("filter needs an index built with attributes: "
                              "build_index(..., attributes={field: values})")

@@ -68,3 +68,15 @@ def test_filter_errors(indexes):
         st.search(flat, Q, 3, filter=["country:c0"] * (B + 1))
     with pytest.raises(ValueError, match="attributes"):
         st.search(st.build_index(EMB), Q, 3, filter="country:c0")
+
+
+def test_match_everything_filters_skip_the_mask(indexes):
+    flat, ivf = indexes
+    for index in (flat, ivf):
+        plain = st.search(index, Q, K)
+        for f in ("*", "", st.F.all(), ["*"] * B):
+            res = st.search(index, Q, K, filter=f)
+            np.testing.assert_array_equal(np.asarray(res.ids), np.asarray(plain.ids))
+    # a syntax error is still reported by the compiler, with its column
+    with pytest.raises(st.FilterError, match="column"):
+        st.search(flat, Q, 3, filter="* AND (")
