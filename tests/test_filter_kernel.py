@@ -13,6 +13,8 @@ from pallas_kernels.filter_eval import (AND, NOT, OR, TERM_BLOOM, TERM_EXACT,
                                         FilterBlockSizes, filter_bounds, filter_bounds_pallas,
                                         filter_bounds_xla)
 
+from ._cuda import lower_for_cuda
+
 
 def random_programs(rng, Bp, P, KP, K, R, S):
     """Valid random postfix programs (stack never exceeds S), NOP padded."""
@@ -142,17 +144,6 @@ def test_filter_mask_interpret_backend_is_exact():
 
 # ----------------------------------------------------------------------------- CUDA lowering
 
-def _lower_for_cuda(f, *specs):
-    from jax import export
-    from jax._src.mesh import AbstractDevice  # private: pinned by this test
-    from jax.experimental.pallas import triton as pltriton
-    from jax.sharding import AbstractMesh, AxisType
-    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=AbstractDevice(
-        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"))
-    with jax.sharding.use_abstract_mesh(mesh):
-        return export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)])(*specs)
-
 
 @pytest.mark.parametrize("R, W, Bp, P, KP, K, S, bw", [
     (1091, 31264, 1, 128, 8, 5, 8, 256),    # 1M items, 1024 Bloom + 65 exact rows, shared
@@ -164,7 +155,7 @@ def test_kernel_lowers_for_cuda(R, W, Bp, P, KP, K, S, bw):
                           block_sizes=FilterBlockSizes(block_words=bw))
     specs = [jax.ShapeDtypeStruct((R, W), jnp.uint32), jax.ShapeDtypeStruct((Bp, P), jnp.int32),
              jax.ShapeDtypeStruct((Bp, P, KP), jnp.int32), jax.ShapeDtypeStruct((Bp,), jnp.int32)]
-    exp = _lower_for_cuda(f, *specs)
+    exp = lower_for_cuda(f, *specs)
     text = exp.mlir_module()
     assert "triton" in text.lower() and exp.platforms == ("cuda",)
     assert [o.shape for o in exp.out_avals] == [(Bp, W), (Bp, W)]
@@ -176,7 +167,7 @@ def test_gather_kernel_lowers_for_cuda():
     specs = [jax.ShapeDtypeStruct((R, W), jnp.uint32), jax.ShapeDtypeStruct((Bp, P), jnp.int32),
              jax.ShapeDtypeStruct((Bp, P, KP), jnp.int32), jax.ShapeDtypeStruct((Bp,), jnp.int32),
              jax.ShapeDtypeStruct((Bp, NW), jnp.int32)]
-    exp = _lower_for_cuda(f, *specs)
+    exp = lower_for_cuda(f, *specs)
     assert [o.shape for o in exp.out_avals] == [(Bp, NW), (Bp, NW)]
 
 
@@ -195,4 +186,4 @@ def test_lowering_check_rejects_non_pow2_blocks():
             rows)
 
     with pytest.raises(Exception, match="power of 2"):
-        _lower_for_cuda(f, jax.ShapeDtypeStruct((3, 12), jnp.uint32))
+        lower_for_cuda(f, jax.ShapeDtypeStruct((3, 12), jnp.uint32))

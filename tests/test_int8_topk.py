@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 import st_jax as st
-from pallas_kernels.int8_topk import (BlockSizes, int8_scores_reference, int8_topk,
+from pallas_kernels.int8_topk import (BlockSizes, int8_topk,
                                       int8_topk_pallas, int8_topk_reference, pack_mask,
                                       saturation_rate, unpack_mask)
 from st_jax._quant import quantize_rows
 
+from ._cuda import lower_for_cuda
 from .conftest import clustered
 
 SMALL = BlockSizes(block_n=64)   # 16 tiles for 1024 items: small interpret grids
@@ -170,19 +171,6 @@ def test_shape_errors(rng, bad, msg):
 
 
 # ---------------- lowering for CUDA from CPU ----------------
-
-def lower_for_cuda(f, *specs):
-    """Full Pallas -> Triton IR lowering without a GPU (pallas.md)."""
-    from jax import export
-    from jax._src.mesh import AbstractDevice   # private: pinned by this test
-    from jax.experimental.pallas import triton as pltriton
-    from jax.sharding import AbstractMesh, AxisType
-    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=AbstractDevice(
-        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"))
-    with jax.sharding.use_abstract_mesh(mesh):
-        return export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call(pltriton.CUSTOM_CALL_TARGET_NAME)])(*specs)
-
 
 @pytest.mark.parametrize("per_query", [False, True])
 @pytest.mark.parametrize("k,d", [(1, 128), (1024, 96), (4096, 200)])

@@ -9,7 +9,8 @@ import pytest
 from pallas_kernels.ivf_scan import ivf_topk, ivf_topk_pallas, ivf_topk_reference
 from pallas_kernels.int8_topk import quantize_rows
 
-from .test_int8_topk import ids_match, lower_for_cuda
+from ._cuda import lower_for_cuda
+from .test_int8_topk import ids_match
 
 
 def make(rng, b=3, nb=40, block=64, d=40, p=13, density=0.5):

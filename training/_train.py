@@ -58,6 +58,19 @@ def _gather(features: dict, rows):
     return {k: v[rows] for k, v in features.items()}
 
 
+def _optax_step(loss_fn, tx):
+    """``jit(params, opt_state, *batch) -> (params, opt_state, loss, per_task)``: one Optax
+    update of ``loss_fn(params, *batch) -> (loss, per_task)``."""
+
+    @jax.jit
+    def step(params, opt_state, *batch):
+        (loss, per_task), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, per_task
+
+    return step
+
+
 def make_two_tower_step(graphs: Graphs, tx, task_weights: jax.Array, learn_temperature: bool):
     """jit(params, opt_state, user_feats, item_feats, log_q_all, users i32[B], items i32[B],
     labels f32[B, T]) -> (params, opt_state, loss f32[], per_task f32[T])."""
@@ -71,14 +84,7 @@ def make_two_tower_step(graphs: Graphs, tx, task_weights: jax.Array, learn_tempe
         inv_t = jnp.exp(jnp.clip(t, 0.0, jnp.log(100.0)))
         return sampled_softmax_loss(u, i, items, log_q_all[items], labels, inv_t, task_weights)
 
-    @jax.jit
-    def step(params, opt_state, uf, itf, log_q_all, users, items, labels):
-        (loss, per_task), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, uf, itf, log_q_all, users, items, labels)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, per_task
-
-    return step
+    return _optax_step(loss_fn, tx)
 
 
 def make_overarch_step(graphs: Graphs, tx, listwise_weight: float,
@@ -90,14 +96,7 @@ def make_overarch_step(graphs: Graphs, tx, listwise_weight: float,
         logits = nnx.merge(graphs.overarch, params)(user_emb[:, users], item_emb[cands])
         return overarch_loss(logits, labels, weights, listwise_weight, listwise_all_tasks)
 
-    @jax.jit
-    def step(params, opt_state, user_emb, item_emb, users, cands, labels, weights):
-        (loss, per_task), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, user_emb, item_emb, users, cands, labels, weights)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, per_task
-
-    return step
+    return _optax_step(loss_fn, tx)
 
 
 @functools.lru_cache(maxsize=16)
