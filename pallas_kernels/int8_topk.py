@@ -472,16 +472,19 @@ def _ladder(k: int, num_tiles: int, tile: int, min_candidates: int, escalation: 
     return ladder
 
 
-def _merge(v, ids, kk: int, m: int, tile: int, batch: int):
-    """Merges per-tile candidates ``f32/i32[Bp, T, m]``: ``(vals, ids, any_saturated)``."""
+def _merge(v, ids, kk: int, tile: int):
+    """Merges per-tile candidates ``f32/i32[Bp, T, m]``.
+
+    Returns ``(vals f32[Bp, kk], ids i32[Bp, kk], saturated bool[Bp, T])``: a tile is
+    saturated when its m-th candidate reaches the k-th merged score (it may hide more).
+    """
+    m = v.shape[2]
     top_v, pos = lax.top_k(v.reshape(v.shape[0], -1), kk)
     top_i = jnp.take_along_axis(ids.reshape(ids.shape[0], -1), pos, axis=1)
     if m >= tile:
-        return top_v, top_i, jnp.zeros((), bool)
-    tau = top_v[:, kk - 1]
+        return top_v, top_i, jnp.zeros(v.shape[:2], bool)
     last = v[:, :, m - 1]
-    saturated = (last > NEG_INF) & (last >= tau[:, None])
-    return top_v, top_i, jnp.any(saturated[:batch])
+    return top_v, top_i, (last > NEG_INF) & (last >= top_v[:, kk - 1, None])
 
 
 def exact_topk_from_tiles(run, *, k: int, batch: int, num_tiles: int, tile: int,
@@ -497,7 +500,8 @@ def exact_topk_from_tiles(run, *, k: int, batch: int, num_tiles: int, tile: int,
     ladder = _ladder(k, num_tiles, tile, min_candidates, escalation, exact)
 
     def attempt(level):
-        v, i, sat = _merge(*run(ladder[level]), kk, ladder[level], tile, batch)
+        v, i, sat = _merge(*run(ladder[level]), kk, tile)
+        sat = jnp.any(sat[:batch])
         if level + 1 == len(ladder):
             return v, i
         return lax.cond(sat, lambda: attempt(level + 1), lambda: (v, i))
@@ -525,13 +529,7 @@ def saturation_rate(q, codes, scale, mask=None, *, k: int, num_valid: int | None
 
 def tile_saturation(v, ids, *, k: int, tile: int, batch: int):
     """Fraction of queries with a saturated tile among candidates ``[Bp, T, m]``."""
-    m = v.shape[2]
-    kk = min(k, v.shape[1] * tile)
-    if m >= tile:
-        return jnp.zeros((), jnp.float32)
-    tau = lax.top_k(v.reshape(v.shape[0], -1), kk)[0][:, kk - 1]
-    last = v[:, :, m - 1]
-    sat = (last > NEG_INF) & (last >= tau[:, None])
+    _, _, sat = _merge(v, ids, min(k, v.shape[1] * tile), tile)
     return jnp.mean(jnp.any(sat[:batch], axis=1).astype(jnp.float32))
 
 
