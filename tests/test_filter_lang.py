@@ -116,7 +116,7 @@ def test_wrong_type_messages(tiny_index):
 def test_program_size_limit(tiny_index):
     big = " OR ".join(f"genre:g{i}" for i in range(70))  # unknown values fold to FALSE
     assert list(compile_filter(tiny_index, big).ops[0, :1]) == [TERM_EXACT]
-    big = " OR ".join(f"(year:2020 AND country:US AND genre:drama)" for _ in range(12))
+    big = " OR ".join("(year:2020 AND country:US AND genre:drama)" for _ in range(12))
     with pytest.raises(FilterError, match="filter too large: .* exceed the program limit of 32"):
         compile_filter(tiny_index, big, max_len=32)
 
