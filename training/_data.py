@@ -95,6 +95,7 @@ class Dataset:
       item_raw_attributes: field -> per-item raw value (str / int, or list for multi-valued),
         aligned with `item_ids`; the filter attributes of the index.
       source: how to rebuild the dataset (`load_dataset(**source)`), stored with trained models.
+      item_titles: display names aligned with `item_ids` (e.g. movie titles), or None.
     """
 
     name: str
@@ -108,6 +109,7 @@ class Dataset:
     test: Interactions
     item_raw_attributes: dict[str, list]
     source: dict
+    item_titles: tuple[str, ...] | None = None
 
     @property
     def num_users(self) -> int:
@@ -346,7 +348,8 @@ def load_movielens_100k() -> Dataset:
                        "decade": dec_codes, "year": yr_std.astype(np.float32)},
         train=train, valid=valid, test=test,
         item_raw_attributes={"genres": genres, "year": years, "decade": decades},
-        source={"name": "movielens-100k"})
+        source={"name": "movielens-100k"},
+        item_titles=tuple(r[icol["movie_title"]].strip() for r in irows))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def split_params(tt: TwoTower, oa) -> tuple[Graphs, dict]:
     gu, su = nnx.split(tt.user_tower)
     gi, si = nnx.split(tt.item_tower)
     params = {"user_tower": nnx.to_pure_dict(su), "item_tower": nnx.to_pure_dict(si),
-              "log_inv_temperature": tt.log_inv_temperature[...]}
+              "log_inv_temperature": tt.log_inv_temperature.get_value()}
     go = None
     if oa is not None:
         go, so = nnx.split(oa)

@@ -1,0 +1,179 @@
+"""The served retrieval graph: one pure function, jitted once per (batch bucket, k, k0).
+
+    user features ─ user tower (all task heads) ─┐
+    filter program ─ Bloom/exact filter ─────────┼─ per-task IVF probe + Int8 top-k0
+    excluded rows ─ eligibility words ───────────┘   (one index copy, T x B queries)
+        ─ task merge (union | intersection) ─ OverArch on the candidates (embedding cache)
+        ─ Value Model ─ final top-k (ids, value scores, per-task predictions)
+
+:func:`retrieval_graph` takes ``(weights, inputs)`` as flat ``{name: array}`` dicts, so the
+same function is jitted in process and serialised with ``jax.export`` (dict pytrees need no
+custom serialisation); the model and index structure are static (:class:`GraphSpec`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from pallas_kernels.int8_topk import NEG_INF
+from st_jax._filter_index import filter_mask
+from st_jax._filter_lang import FilterProgram
+from st_jax._search import _search_core
+
+MERGES = ("union", "intersection")
+RANKS = ("overarch", "retrieval")
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphSpec:
+    """Static structure of a retrieval graph (hashable; part of the jit cache key).
+
+    Attributes:
+      user_graph / overarch_graph: NNX graph definitions (overarch None: no OverArch).
+      params_treedef / params_keys: rebuild the model parameter pytree from ``model/<key>``.
+      index_treedef / index_keys: rebuild the :class:`~st_jax.Index` from ``index/<key>``.
+      user_fields: user feature names (inputs ``user/<name>``).
+      value_fn: Value Model, ``f32[..., T] -> f32[...]``.
+      num_tasks: T; primary_task: the task ranking by retrieval score uses.
+      num_hashes / stack_depth: filter program statics (from the index's filter schema).
+      nprobe: IVF clusters probed per task query (0: flat index).
+      min_eligible_factor: IVF starvation threshold (see ``st_jax.search``).
+      merge: "union" | "intersection" of the per-task candidate sets.
+      rank: "overarch" (OverArch + Value Model) | "retrieval" (exact primary-task dot product).
+      backend: kernel backend ("auto": Pallas on GPU, XLA twin on CPU).
+    """
+
+    user_graph: Any
+    overarch_graph: Any
+    params_treedef: Any
+    params_keys: tuple[str, ...]
+    index_treedef: Any
+    index_keys: tuple[str, ...]
+    user_fields: tuple[str, ...]
+    value_fn: Callable
+    num_tasks: int
+    primary_task: int
+    num_hashes: int
+    stack_depth: int
+    nprobe: int
+    min_eligible_factor: float
+    merge: str
+    rank: str
+    backend: str
+
+
+def _tree(treedef, keys, flat: dict, prefix: str):
+    return jax.tree_util.tree_unflatten(treedef, [flat[prefix + k] for k in keys])
+
+
+def exclusion_words(rows: jax.Array, num_words: int) -> jax.Array:
+    """``i32[B, E]`` storage rows to exclude (-1 padding, duplicates allowed) ->
+    ``u32[B, W]`` eligibility words with those rows' bits cleared."""
+    b = rows.shape[0]
+    s = jnp.sort(rows, axis=1)
+    dup = jnp.concatenate([jnp.zeros((b, 1), bool), s[:, 1:] == s[:, :-1]], axis=1)
+    s = jnp.where(dup | (s < 0), num_words * 32, s)            # out of range: dropped
+    bits = jnp.left_shift(jnp.uint32(1), (s % 32).astype(jnp.uint32))
+    cleared = jnp.zeros((b, num_words), jnp.uint32).at[
+        jnp.arange(b)[:, None], s // 32].add(bits, mode="drop")
+    return ~cleared
+
+
+def merge_candidates(rows: jax.Array, num_tasks: int, merge: str) -> jax.Array:
+    """``i32[B, T*k0]`` per-task candidate rows (-1 empty) -> ``i32[B, T*k0]`` merged set:
+    each kept row once (sorted), dropped slots -1. ``intersection`` keeps rows every task
+    retrieved (each task's list has distinct rows, so a row occurs T times)."""
+    b = rows.shape[0]
+    s = jnp.sort(rows, axis=1)
+    first = jnp.concatenate([jnp.ones((b, 1), bool), s[:, 1:] != s[:, :-1]], axis=1)
+    keep = first & (s >= 0)
+    if merge == "intersection" and num_tasks > 1:
+        t = num_tasks - 1
+        ahead = jnp.concatenate([s[:, t:], jnp.full((b, t), -2, s.dtype)], axis=1)
+        keep &= ahead == s
+    return jnp.where(keep, s, -1)
+
+
+def retrieval_graph(spec: GraphSpec, weights: dict, inputs: dict, *, k: int, k0: int) -> dict:
+    """The whole retrieval graph (pure; jit / export it with ``k``, ``k0`` bound).
+
+    Args:
+      weights: ``model/<key>`` parameters and ``index/<key>`` index arrays.
+      inputs: ``user/<field>`` features ``[B, ...]``; ``filter/ops i32[B, P]``,
+        ``filter/rowids i32[B, P, KP]``, ``filter/terms i32[B, P]``, ``filter/lengths
+        i32[B]`` (one compiled filter program per user; absent: no filter); optional
+        ``exclude i32[B, E]`` storage rows never to return (-1 padding).
+      k: final results per user; k0: candidates retrieved per task.
+    Returns:
+      ``ids [B, k]`` item ids (-1 padded), ``scores f32[B, k]`` Value Model scores (-inf
+      padded), ``task_scores f32[B, k, T]`` (OverArch probabilities, or exact per-task dot
+      products when ranking by retrieval), ``count i32[B]`` valid results,
+      ``num_candidates i32[B]`` merged candidates, ``path i32[B, T]`` search path per task
+      query (0 flat, 1 IVF, 2 starved IVF answered by the flat scan).
+    """
+    params = _tree(spec.params_treedef, spec.params_keys, weights, "model/")
+    index = _tree(spec.index_treedef, spec.index_keys, weights, "index/")
+    user = {f: inputs[f"user/{f}"] for f in spec.user_fields}
+    u = nnx.merge(spec.user_graph, params["user_tower"])(user).astype(jnp.float32)  # [T,B,D]
+    t, b, d = u.shape
+    q = jnp.pad(u.reshape(t * b, d), ((0, 0), (0, index.items.codes.shape[1] - d)))
+
+    mask = None
+    if "exclude" in inputs:
+        mask = exclusion_words(inputs["exclude"], index.num_words)               # [B, W]
+    prog = None
+    if "filter/ops" in inputs:
+        prog = FilterProgram(ops=inputs["filter/ops"], rowids=inputs["filter/rowids"],
+                             terms=inputs["filter/terms"], lengths=inputs["filter/lengths"],
+                             per_query=True, num_hashes=spec.num_hashes,
+                             stack_depth=spec.stack_depth)
+        if index.ivf is None or not spec.nprobe:
+            # flat scan: one mask per user, shared by that user's T task queries
+            fm = filter_mask(index.filters, prog, backend=spec.backend)          # [B, W]
+            mask = fm if mask is None else mask & fm
+            prog = None
+        else:            # IVF: the filter runs on each task query's probed clusters only
+            prog = jax.tree_util.tree_map(lambda a: jnp.tile(a, (t,) + (1,) * (a.ndim - 1)),
+                                          prog)
+    if mask is not None:
+        mask = jnp.tile(mask, (t, 1))                                            # [T*B, W]
+    _, rows, path = _search_core(index, q, mask, prog, k=k0, nprobe=spec.nprobe, rerank=0,
+                                 min_eligible_factor=spec.min_eligible_factor,
+                                 backend=spec.backend)
+    rows = rows.reshape(t, b, k0).transpose(1, 0, 2).reshape(b, t * k0)
+    cand = merge_candidates(rows, t, spec.merge)                                 # [B, C]
+    live = cand >= 0
+    emb = index.cache[jnp.maximum(cand, 0)].astype(jnp.float32)                  # [B, C, D]
+    if spec.rank == "overarch" and spec.overarch_graph is not None:
+        logits = nnx.merge(spec.overarch_graph, params["overarch"])(u, emb)      # [B, C, T]
+        preds = jax.nn.sigmoid(logits.astype(jnp.float32))
+        value = spec.value_fn(preds)
+    else:
+        preds = jnp.einsum("tbd,bcd->bct", u, emb)
+        value = preds[..., spec.primary_task]
+    value = jnp.where(live, value.astype(jnp.float32), NEG_INF)
+    kk = min(k, cand.shape[1])
+    top, pos = lax.top_k(value, kk)
+    top_rows = jnp.take_along_axis(cand, pos, axis=1)
+    ok = jnp.take_along_axis(live, pos, axis=1)
+    task_scores = jnp.take_along_axis(preds, pos[..., None], axis=1)
+    pos_item = top_rows if index.perm is None else index.perm[jnp.maximum(top_rows, 0)]
+    ids = pos_item if index.ids is None else index.ids[jnp.maximum(pos_item, 0)]
+    ids = jnp.where(ok, ids, -1)
+    top = jnp.where(ok, top, NEG_INF)
+    task_scores = jnp.where(ok[..., None], task_scores, jnp.nan)
+    if kk < k:                                         # fewer candidates than k: pad
+        pad = k - kk
+        ids = jnp.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        top = jnp.pad(top, ((0, 0), (0, pad)), constant_values=NEG_INF)
+        task_scores = jnp.pad(task_scores, ((0, 0), (0, pad), (0, 0)),
+                              constant_values=jnp.nan)
+    return {"ids": ids, "scores": top, "task_scores": task_scores,
+            "count": jnp.sum(ok, axis=1, dtype=jnp.int32),
+            "num_candidates": jnp.sum(live, axis=1, dtype=jnp.int32),
+            "path": path.reshape(t, b).T}
