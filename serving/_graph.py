@@ -99,30 +99,20 @@ def merge_candidates(rows: jax.Array, num_tasks: int, merge: str) -> jax.Array:
     return jnp.where(keep, s, -1)
 
 
-def retrieval_graph(spec: GraphSpec, weights: dict, inputs: dict, *, k: int, k0: int) -> dict:
-    """The whole retrieval graph (pure; jit / export it with ``k``, ``k0`` bound).
-
-    Args:
-      weights: ``model/<key>`` parameters and ``index/<key>`` index arrays.
-      inputs: ``user/<field>`` features ``[B, ...]``; ``filter/ops i32[B, P]``,
-        ``filter/rowids i32[B, P, KP]``, ``filter/terms i32[B, P]``, ``filter/lengths
-        i32[B]`` (one compiled filter program per user; absent: no filter); optional
-        ``exclude i32[B, E]`` storage rows never to return (-1 padding).
-      k: final results per user; k0: candidates retrieved per task.
-    Returns:
-      ``ids [B, k]`` item ids (-1 padded), ``scores f32[B, k]`` Value Model scores (-inf
-      padded), ``task_scores f32[B, k, T]`` (OverArch probabilities, or exact per-task dot
-      products when ranking by retrieval), ``count i32[B]`` valid results,
-      ``num_candidates i32[B]`` merged candidates, ``path i32[B, T]`` search path per task
-      query (0 flat, 1 IVF, 2 starved IVF answered by the flat scan).
-    """
+def user_stage(spec: GraphSpec, weights: dict, inputs: dict):
+    """Stage 1 — ``(params, index, u f32[T, B, D])``: the user tower, all task heads."""
     params = _tree(spec.params_treedef, spec.params_keys, weights, "model/")
     index = _tree(spec.index_treedef, spec.index_keys, weights, "index/")
     user = {f: inputs[f"user/{f}"] for f in spec.user_fields}
-    u = nnx.merge(spec.user_graph, params["user_tower"])(user).astype(jnp.float32)  # [T,B,D]
+    u = nnx.merge(spec.user_graph, params["user_tower"])(user).astype(jnp.float32)
+    return params, index, u
+
+
+def retrieve_stage(spec: GraphSpec, index, u, inputs: dict, k0: int):
+    """Stage 2 — ``(cand i32[B, T*k0], path i32[B, T])``: per-task filtered Int8 top-k0 from
+    one index copy (T x B queries), merged across tasks (storage rows, -1 empty)."""
     t, b, d = u.shape
     q = jnp.pad(u.reshape(t * b, d), ((0, 0), (0, index.items.codes.shape[1] - d)))
-
     mask = None
     if "exclude" in inputs:
         mask = exclusion_words(inputs["exclude"], index.num_words)               # [B, W]
@@ -146,7 +136,12 @@ def retrieval_graph(spec: GraphSpec, weights: dict, inputs: dict, *, k: int, k0:
                                  min_eligible_factor=spec.min_eligible_factor,
                                  backend=spec.backend)
     rows = rows.reshape(t, b, k0).transpose(1, 0, 2).reshape(b, t * k0)
-    cand = merge_candidates(rows, t, spec.merge)                                 # [B, C]
+    return merge_candidates(rows, t, spec.merge), path.reshape(t, b).T
+
+
+def rank_stage(spec: GraphSpec, params, index, u, cand, path, k: int) -> dict:
+    """Stage 3 — OverArch on the candidates (embedding cache) -> Value Model -> top-k; the
+    output dict of :func:`retrieval_graph`."""
     live = cand >= 0
     emb = index.cache[jnp.maximum(cand, 0)].astype(jnp.float32)                  # [B, C, D]
     if spec.rank == "overarch" and spec.overarch_graph is not None:
@@ -175,5 +170,26 @@ def retrieval_graph(spec: GraphSpec, weights: dict, inputs: dict, *, k: int, k0:
                               constant_values=jnp.nan)
     return {"ids": ids, "scores": top, "task_scores": task_scores,
             "count": jnp.sum(ok, axis=1, dtype=jnp.int32),
-            "num_candidates": jnp.sum(live, axis=1, dtype=jnp.int32),
-            "path": path.reshape(t, b).T}
+            "num_candidates": jnp.sum(live, axis=1, dtype=jnp.int32), "path": path}
+
+
+def retrieval_graph(spec: GraphSpec, weights: dict, inputs: dict, *, k: int, k0: int) -> dict:
+    """The whole retrieval graph (pure; jit / export it with ``k``, ``k0`` bound).
+
+    Args:
+      weights: ``model/<key>`` parameters and ``index/<key>`` index arrays.
+      inputs: ``user/<field>`` features ``[B, ...]``; ``filter/ops i32[B, P]``,
+        ``filter/rowids i32[B, P, KP]``, ``filter/terms i32[B, P]``, ``filter/lengths
+        i32[B]`` (one compiled filter program per user; absent: no filter); optional
+        ``exclude i32[B, E]`` storage rows never to return (-1 padding).
+      k: final results per user; k0: candidates retrieved per task.
+    Returns:
+      ``ids [B, k]`` item ids (-1 padded), ``scores f32[B, k]`` Value Model scores (-inf
+      padded), ``task_scores f32[B, k, T]`` (OverArch probabilities, or exact per-task dot
+      products when ranking by retrieval; NaN padded), ``count i32[B]`` valid results,
+      ``num_candidates i32[B]`` merged candidates, ``path i32[B, T]`` search path per task
+      query (0 flat, 1 IVF, 2 starved IVF answered by the flat scan).
+    """
+    params, index, u = user_stage(spec, weights, inputs)
+    cand, path = retrieve_stage(spec, index, u, inputs, k0)
+    return rank_stage(spec, params, index, u, cand, path, k)

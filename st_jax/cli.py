@@ -1,8 +1,12 @@
 """The ``st-jax`` command line.
 
-    st-jax demo [--items N ...]                        filtered search demo on synthetic data
+    st-jax demo [--tiny] [--dataset synthetic]         train -> publish -> serve -> export
+    st-jax demo --search [--items N ...]               index-only filtered search demo
     st-jax train --dataset movielens-100k --out DIR    (training package)
     st-jax eval DIR --json                             (training package)
+    st-jax publish MODEL_DIR --out BUNDLE              (serving package)
+    st-jax query BUNDLE --user 42 --filter ... --k 10  (serving package)
+    st-jax export BUNDLE --platform cpu --out ART      (serving package)
 """
 from __future__ import annotations
 
@@ -20,11 +24,12 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="st-jax", description="SilverTorch in JAX")
     sub = ap.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="filtered Int8 search on a synthetic catalogue "
-                       "(options: st-jax demo -- --help)", add_help=False)
+    d = sub.add_parser("demo", help="the whole run on MovieLens-100K: train, publish, serve, "
+                       "export (--search: index-only demo; options: st-jax demo -- --help)",
+                       add_help=False)
     d.set_defaults(func=_demo, passthrough=True)
     # Packages that add sub-commands expose `register(subparsers)` in their cli module.
-    for module in ("training.cli",):
+    for module in ("training.cli", "serving.cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:   # that package is not installed: skip its commands

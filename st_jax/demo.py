@@ -1,8 +1,9 @@
-"""`make demo`: build Int8 indexes over a synthetic catalogue and run filtered searches.
+"""`make demo` / `st-jax demo`: the whole run, train -> publish -> serve -> export
+(:mod:`serving.demo`); `st-jax demo --search` runs the index-only demo below.
 
-Prints, for a flat index and an IVF index (with exact re-rank), recall against the exact
-float32 filtered top-k, slots filled and latency for attribute filters passing 100 / 10 / 1 /
-0.1 % of the items (later milestones grow this into train -> publish -> serve).
+The index-only demo builds Int8 indexes over a synthetic catalogue and prints, for a flat
+index and an IVF index (with exact re-rank), recall against the exact float32 filtered top-k,
+slots filled and latency for attribute filters passing 100 / 10 / 1 / 0.1 % of the items.
 """
 from __future__ import annotations
 
@@ -20,7 +21,18 @@ FILTERS = {"*": None, "bucket10:b3": 10, "bucket100:b3": 100, "bucket1000:b3": 1
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--search" in argv:
+        argv.remove("--search")
+        search_demo(argv)
+    else:
+        from serving import demo
+        demo.main(argv)
+
+
+def search_demo(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, prog="st-jax demo --search")
     ap.add_argument("--items", type=int, default=200_000)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)

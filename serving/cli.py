@@ -1,0 +1,108 @@
+"""`st-jax publish`, `st-jax query` and `st-jax export` (wired into `st-jax` by st_jax.cli).
+
+    st-jax publish runs/ml100k --out bundles/ml100k [--clusters 0 --k0 200]
+    st-jax query bundles/ml100k --user 42 --filter 'genres:Comedy AND NOT year:1995' --k 10
+    st-jax export bundles/ml100k --platform cpu --out exports/ml100k-cpu [--k 100]
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("publish", help="publish a trained model + its catalogue as a "
+                              "served bundle", description="Item tower -> IVF/Int8 index + "
+                              "filters + embedding cache -> one bundle (written atomically).")
+    p.add_argument("model_dir", help="a directory written by `st-jax train`")
+    p.add_argument("--out", required=True, help="bundle directory")
+    p.add_argument("--clusters", type=int, default=None,
+                   help="IVF clusters (default: flat below 200k items, else ~sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF clusters probed per query")
+    p.add_argument("--k0", type=int, default=None,
+                   help="candidates per task (default: the model's OverArch rerank_top)")
+    p.add_argument("--merge", default="union", choices=("union", "intersection"))
+    p.add_argument("--bloom-bits", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_publish)
+
+    q = subparsers.add_parser("query", help="recommendations from a bundle",
+                              description="Top-k items for users of the bundle's user table.")
+    q.add_argument("bundle")
+    q.add_argument("--user", type=int, action="append", required=True,
+                   help="user id (repeat for several users)")
+    q.add_argument("--filter", default=None, help="filter, e.g. 'genres:Comedy AND NOT "
+                                                  "year:1995'")
+    q.add_argument("--k", type=int, default=10)
+    q.add_argument("--k0", type=int, default=None)
+    q.add_argument("--rank", default="overarch", choices=("overarch", "retrieval"))
+    q.add_argument("--include-seen", action="store_true",
+                   help="also return items the user already interacted with")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=_query)
+
+    e = subparsers.add_parser("export", help="jax.export artifacts of a bundle's graph",
+                              description="Serialised graphs per batch size + weights; run "
+                                          "with serving.load_exported (no model code).")
+    e.add_argument("bundle")
+    e.add_argument("--out", required=True)
+    e.add_argument("--platform", default="cpu", choices=("cpu", "cuda"))
+    e.add_argument("--batch-sizes", default="1,8,32,128")
+    e.add_argument("--k", type=int, default=100, help="largest k callers may ask for")
+    e.add_argument("--k0", type=int, default=None)
+    e.add_argument("--exclude-max", type=int, default=1024,
+                   help="longest per-user exclusion list (seen items) accepted")
+    e.set_defaults(func=_export)
+
+
+def _publish(args) -> int:
+    from serving._bundle import publish
+    path = publish(args.model_dir, None, args.out, num_clusters=args.clusters,
+                   nprobe=args.nprobe, k0=args.k0, merge=args.merge,
+                   bloom_bits=args.bloom_bits, seed=args.seed, progress=True)
+    print(path)
+    return 0
+
+
+def _query(args) -> int:
+    from serving._retriever import Retriever
+    r = Retriever.load(args.bundle, rank=args.rank)
+    t = time.perf_counter()
+    out = r.recommend(args.user, filter=args.filter, k=args.k, k0=args.k0,
+                      exclude_seen=not args.include_seen)
+    ms = (time.perf_counter() - t) * 1e3
+    titles = r.titles(out.ids)
+    if args.json:
+        rows = [{"user": u, "items": [
+            {"id": int(i), "title": tt, "score": float(s),
+             "tasks": dict(zip(out.tasks, map(float, ts)))}
+            for i, tt, s, ts in zip(out.ids[b], titles[b], out.scores[b], out.task_scores[b])]}
+            for b, u in enumerate(args.user)]
+        print(json.dumps(rows, indent=2))
+        return 0
+    for b, u in enumerate(args.user):
+        print(f"user {u}" + (f"  filter: {args.filter}" if args.filter else ""))
+        if not out.count[b]:
+            print("  (no item passes the filter)")
+        for rank, (i, tt, s, ts) in enumerate(zip(out.ids[b], titles[b], out.scores[b],
+                                                   out.task_scores[b]), 1):
+            preds = "  ".join(f"{n}={v:.3f}" for n, v in zip(out.tasks, ts))
+            print(f"  {rank:>2}. {int(i):>7}  {tt[:48]:<48}  score={s:.4f}  {preds}")
+    print(f"({ms:.0f} ms including compilation)", file=sys.stderr)
+    return 0
+
+
+def _export(args) -> int:
+    from serving._retriever import Retriever
+    try:
+        sizes = tuple(int(x) for x in args.batch_sizes.split(","))
+    except ValueError:
+        print(f"--batch-sizes must be comma-separated ints; got {args.batch_sizes!r}",
+              file=sys.stderr)
+        return 2
+    r = Retriever.load(args.bundle)
+    path = r.export(args.out, platform=args.platform, batch_sizes=sizes, k=args.k, k0=args.k0,
+                    exclude_max=args.exclude_max)
+    print(path)
+    return 0
