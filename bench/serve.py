@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import serving  # noqa: E402
 import training  # noqa: E402
 from bench.ann import RESULTS, machine_info, write_json  # noqa: E402
-from serving._graph import rank_stage, retrieve_stage, user_stage  # noqa: E402
+from serving._graph import retrieve_stage, user_stage  # noqa: E402
+from st_jax._timing import sample_seconds  # noqa: E402
 from training._trained import TrainedModel, build_modules, split_params  # noqa: E402
 from training._value_model import ValueModel  # noqa: E402
 
@@ -46,16 +47,6 @@ def random_model(num_items: int, num_users: int, seed: int = 0) -> TrainedModel:
     tt, oa = build_modules(ds, cfg)
     graphs, params = split_params(tt, oa)
     return TrainedModel(cfg, ds, graphs, params, ValueModel.parse(cfg.value_formula, ds.tasks))
-
-
-def timings(fn, repeats: int) -> list[float]:
-    jax.block_until_ready(fn())
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def bench_size(n: int, args) -> dict:
@@ -92,11 +83,11 @@ def bench_size(n: int, args) -> dict:
         for fname, filt in filters.items():
             fl = r.host.filters_for(filt, b)
             x = {key: jnp.asarray(v) for key, v in r.host.inputs(feats, fl, None, b, 0).items()}
-            full = timings(lambda: r._graph(b, args.k, args.k0, x)["ids"], args.repeats)
-            s1 = statistics.median(timings(lambda: f_user(r.weights, x), args.repeats))
-            s2 = statistics.median(timings(lambda: f_retrieve(r.weights, x, args.k0),
+            full = sample_seconds(lambda: r._graph(b, args.k, args.k0, x)["ids"], args.repeats)
+            s1 = statistics.median(sample_seconds(lambda: f_user(r.weights, x), args.repeats))
+            s2 = statistics.median(sample_seconds(lambda: f_retrieve(r.weights, x, args.k0),
                                            args.repeats))
-            call = timings(lambda: r(feats, filter=filt, k=args.k).ids, args.repeats)
+            call = sample_seconds(lambda: r(feats, filter=filt, k=args.k).ids, args.repeats)
             p50, p99 = np.percentile(full, 50), np.percentile(full, 99)
             row = {"items": n, "batch": b, "filter": fname, "p50_ms": p50 * 1e3,
                    "p99_ms": p99 * 1e3, "qps": b / p50,

@@ -100,10 +100,37 @@ def train():
               ("two-tower Recall@20", "two_tower_recall@20", ""),
               ("two-tower / popularity", "two_tower_over_popularity_recall@20", "≥ 1.3"),
               ("MoL OverArch re-rank (top 200) Recall@20", "overarch_rerank_recall@20", ""),
-              ("relative gain of the re-rank", "overarch_rerank_relative_gain_recall@20", "≥ 0.05")]]])
+              ("relative gain of the re-rank", "overarch_rerank_relative_gain_recall@20", "≥ 0.05"),
+              ("two-tower Recall@20, validation split", "valid_two_tower_recall@20", ""),
+              ("re-rank Recall@20, validation split", "valid_overarch_rerank_recall@20", ""),
+              ("relative gain of the re-rank, validation split",
+               "valid_overarch_rerank_relative_gain_recall@20", "≥ 0")]
+          if key in a]])
+
+
+def serve():
+    d = _load("serve_cpu.json")
+    if not d:
+        return ""
+    p = d["params"]
+    out = [f"**Whole served graph** (`bench/serve.py`: user tower → filtered Int8 top-k0 = "
+           f"{p['k0']} per task (2 tasks) → merge → MoL OverArch → Value Model → top-{p['k']}; "
+           f"{_machine(d)})", "",
+           "| items | index | batch | filter | p50 ms | p99 ms | QPS | tower ms | retrieve ms "
+           "| OverArch ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for size in d["sizes"]:
+        ix = size["index"]
+        kind = f"IVF {ix['num_clusters']}, nprobe {ix['nprobe']}" if ix["num_clusters"] else "flat"
+        for r in size["rows"]:
+            st = r["stage_ms"]
+            out.append(f"| {r['items']:,} | {kind} | {r['batch']} | {r['filter']} | "
+                       f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['qps']:,.0f} | "
+                       f"{st['user_tower']:.2f} | {st['retrieve_merge']:.1f} | "
+                       f"{st['overarch_value_topk']:.1f} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
-    for table in (ann(), filter_search(), ivf(), train()):
+    for table in (ann(), filter_search(), ivf(), train(), serve()):
         if table:
             print(table + "\n")

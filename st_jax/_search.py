@@ -164,6 +164,62 @@ def _search_core(index: Index, q, mask, prog, *, k: int, nprobe: int, rerank: in
     return vals, rows, path
 
 
+def check_options(backend: str, k, ivf, nprobe, cache, rerank) -> int:
+    """Validates search options (shared by every search entry point); returns ``nprobe``
+    (0 for a flat index, the default ``min(32, C)`` when None)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be an int in [1, {MAX_K}]; got {k!r}")
+    if ivf is None:
+        if nprobe is not None:
+            raise ValueError("nprobe needs an IVF index: build_index(..., num_clusters=C)")
+        nprobe = 0
+    else:
+        c = ivf.num_clusters
+        nprobe = min(32, c) if nprobe is None else nprobe
+        if not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= c:
+            raise ValueError(f"nprobe must be an int in [1, {c}] (the number of clusters); "
+                             f"got {nprobe!r}")
+    if rerank is not None:
+        if cache is None:
+            raise ValueError("rerank needs float embeddings in the index: "
+                             "build_index(..., store_embeddings='bf16')")
+        if not isinstance(rerank, (int, np.integer)) or not 1 <= rerank or rerank * k > MAX_K:
+            raise ValueError(f"rerank must be an int >= 1 with rerank * k <= {MAX_K}; "
+                             f"got {rerank!r}")
+    return int(nprobe)
+
+
+def filter_program(filters, filter, batch: int):
+    """Compiles ``filter`` for a batch against a ``FilterIndex`` / ``FilterSchema`` (None when
+    the filter matches everything); errors when the index has no attributes."""
+    if filter is None or _matches_everything(filter):
+        return None
+    if filters is None:
+        raise ValueError("filter needs an index built with attributes: "
+                         "build_index(..., attributes={field: values})")
+    prog = compile_filter(filters, filter, batch_size=batch)
+    if prog.per_query and prog.ops.shape[0] != batch:
+        raise ValueError(f"got {prog.ops.shape[0]} filters for {batch} queries")
+    return prog
+
+
+def check_queries(queries, dim: int) -> jax.Array:
+    """``f32/bf16[B, dim]`` queries as an array; ValueError naming NaN/Inf rows."""
+    q = jnp.asarray(queries)
+    if q.ndim != 2 or q.shape[1] != dim:
+        hint = " (use queries[None, :] for one query)" if q.ndim == 1 else ""
+        raise ValueError(f"queries must be [B, {dim}]; got shape {q.shape}{hint}")
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"queries must be f32 or bf16; got dtype {q.dtype}")
+    if not isinstance(q, jax.core.Tracer):
+        bad = np.flatnonzero(~np.isfinite(np.asarray(q, np.float32)).all(axis=1))
+        if bad.size:
+            raise ValueError(f"queries have NaN or Inf values in rows {bad[:10].tolist()}")
+    return q
+
+
 def search(index: Index, queries, k: int, allow=None, *, filter=None,
            nprobe: int | None = None,
            rerank: int | None = None, min_eligible_factor: float = 16.0,
@@ -204,46 +260,10 @@ def search(index: Index, queries, k: int, allow=None, *, filter=None,
 
     Works eagerly and inside ``jax.jit`` (k, nprobe, rerank and backend must then be static).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
-        raise ValueError(f"k must be an int in [1, {MAX_K}]; got {k!r}")
-    if index.ivf is None:
-        if nprobe is not None:
-            raise ValueError("nprobe needs an IVF index: build_index(..., num_clusters=C)")
-        nprobe = 0
-    else:
-        c = index.ivf.num_clusters
-        nprobe = min(32, c) if nprobe is None else nprobe
-        if not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= c:
-            raise ValueError(f"nprobe must be an int in [1, {c}] (the number of clusters); "
-                             f"got {nprobe!r}")
-    if rerank is not None:
-        if index.cache is None:
-            raise ValueError("rerank needs float embeddings in the index: "
-                             "build_index(..., store_embeddings='bf16')")
-        if not isinstance(rerank, (int, np.integer)) or not 1 <= rerank or rerank * k > MAX_K:
-            raise ValueError(f"rerank must be an int >= 1 with rerank * k <= {MAX_K}; "
-                             f"got {rerank!r}")
-    q = jnp.asarray(queries)
-    if q.ndim != 2 or q.shape[1] != index.dim:
-        hint = " (use queries[None, :] for one query)" if q.ndim == 1 else ""
-        raise ValueError(f"queries must be [B, {index.dim}]; got shape {q.shape}{hint}")
-    if not jnp.issubdtype(q.dtype, jnp.floating):
-        raise ValueError(f"queries must be f32 or bf16; got dtype {q.dtype}")
-    if not isinstance(q, jax.core.Tracer):
-        bad = np.flatnonzero(~np.isfinite(np.asarray(q, np.float32)).all(axis=1))
-        if bad.size:
-            raise ValueError(f"queries have NaN or Inf values in rows {bad[:10].tolist()}")
+    nprobe = check_options(backend, k, index.ivf, nprobe, index.cache, rerank)
+    q = check_queries(queries, index.dim)
     mask = eligibility_words(index, allow, q.shape[0])
-    prog = None
-    if filter is not None and not _matches_everything(filter):
-        if index.filters is None:
-            raise ValueError("filter needs an index built with attributes: "
-                             "build_index(..., attributes={field: values})")
-        prog = compile_filter(index.filters, filter, batch_size=q.shape[0])
-        if prog.per_query and prog.ops.shape[0] != q.shape[0]:
-            raise ValueError(f"got {prog.ops.shape[0]} filters for {q.shape[0]} queries")
+    prog = filter_program(index.filters, filter, q.shape[0])
     d_pad = index.items.codes.shape[1]
     q = jnp.pad(q, ((0, 0), (0, d_pad - index.dim)))
     scores, rows, path = _search_core(index, q, mask, prog, k=int(k), nprobe=int(nprobe),

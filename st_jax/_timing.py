@@ -7,13 +7,18 @@ import time
 import jax
 
 
-def median_seconds(fn, repeats: int = 5) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls after one warm-up call (which
-    includes compilation); results are waited for with ``jax.block_until_ready``."""
+def sample_seconds(fn, repeats: int = 5) -> list[float]:
+    """Wall times of ``repeats`` calls of ``fn()`` after one warm-up call (which includes
+    compilation); results are waited for with ``jax.block_until_ready``."""
     jax.block_until_ready(fn())
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
         jax.block_until_ready(fn())
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return ts
+
+
+def median_seconds(fn, repeats: int = 5) -> float:
+    """Median of :func:`sample_seconds`."""
+    return statistics.median(sample_seconds(fn, repeats))
