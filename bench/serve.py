@@ -73,8 +73,8 @@ def bench_size(n: int, args) -> dict:
 
     @functools.partial(jax.jit, static_argnames=("k0",))
     def f_retrieve(w, x, k0):
-        _, index, u = user_stage(spec, w, x)
-        return retrieve_stage(spec, index, u, x, k0)[0]
+        _, indexes, u = user_stage(spec, w, x)
+        return retrieve_stage(spec, indexes, u, x, k0)[0]
 
     rows = []
     for b in args.buckets:

@@ -48,6 +48,10 @@ def export_retriever(retriever, path: str, *, platform: str, batch_sizes: Sequen
     if not isinstance(exclude_max, int) or exclude_max < 0:
         raise ValueError(f"exclude_max must be an int >= 0; got {exclude_max!r}")
     host = retriever.host
+    if retriever.fresh_stats()["updates"]:
+        raise ValueError("this retriever holds item updates (fresh index); exported graphs "
+                         "serve the published bundle only: compact into a new bundle "
+                         "(serving.compact) and export that")
     weights = {key: np.asarray(v) for key, v in retriever.weights.items()}
     w_specs = {key: jax.ShapeDtypeStruct(v.shape, v.dtype) for key, v in weights.items()}
     fn = functools.partial(retrieval_graph, retriever.spec, k=int(k), k0=int(k0))
@@ -154,7 +158,7 @@ class ExportedRetriever(Runner):
             raise RequestError(f"k0 is fixed at {self.default_k0} in exported graphs; re-export "
                                "to change it")
 
-    def _graph(self, bucket: int, k: int, k0: int, inputs: dict) -> dict:
+    def _graph(self, snap, bucket: int, k: int, k0: int, inputs: dict) -> dict:
         return self._calls[bucket](self.weights,
                                    {key: jnp.asarray(v) for key, v in inputs.items()})
 

@@ -46,6 +46,8 @@ class GraphSpec:
       merge: "union" | "intersection" of the per-task candidate sets.
       rank: "overarch" (OverArch + Value Model) | "retrieval" (exact primary-task dot product).
       backend: kernel backend ("auto": Pallas on GPU, XLA twin on CPU).
+      fresh_treedef / fresh_keys: rebuild the fresh store (an ``Index`` over the fresh slots,
+        see ``st_jax.fresh``) from ``fresh/<key>``; None: no fresh index.
     """
 
     user_graph: Any
@@ -65,6 +67,8 @@ class GraphSpec:
     merge: str
     rank: str
     backend: str
+    fresh_treedef: Any = None
+    fresh_keys: tuple[str, ...] = ()
 
 
 def _tree(treedef, keys, flat: dict, prefix: str):
@@ -100,28 +104,57 @@ def merge_candidates(rows: jax.Array, num_tasks: int, merge: str) -> jax.Array:
 
 
 def user_stage(spec: GraphSpec, weights: dict, inputs: dict):
-    """Stage 1 — ``(params, index, u f32[T, B, D])``: the user tower, all task heads."""
+    """Stage 1 — ``(params, (index, store), u f32[T, B, D])``: the user tower, all task
+    heads; ``store`` is the fresh store or None."""
     params = _tree(spec.params_treedef, spec.params_keys, weights, "model/")
     index = _tree(spec.index_treedef, spec.index_keys, weights, "index/")
+    store = (None if spec.fresh_treedef is None
+             else _tree(spec.fresh_treedef, spec.fresh_keys, weights, "fresh/"))
     user = {f: inputs[f"user/{f}"] for f in spec.user_fields}
     u = nnx.merge(spec.user_graph, params["user_tower"])(user).astype(jnp.float32)
-    return params, index, u
+    return params, (index, store), u
 
 
-def retrieve_stage(spec: GraphSpec, index, u, inputs: dict, k0: int):
+def _program(spec: GraphSpec, inputs: dict, prefix: str):
+    if f"{prefix}/ops" not in inputs:
+        return None
+    return FilterProgram(ops=inputs[f"{prefix}/ops"], rowids=inputs[f"{prefix}/rowids"],
+                         terms=inputs[f"{prefix}/terms"], lengths=inputs[f"{prefix}/lengths"],
+                         per_query=True, num_hashes=spec.num_hashes,
+                         stack_depth=spec.stack_depth)
+
+
+def _fresh_topk(spec: GraphSpec, store, q, t: int, inputs: dict, k0: int):
+    """Top-k0 of every task query over the fresh store: ``(f32[T*B, k0], slots i32[T*B, k0])``;
+    the user's filter (compiled against the fresh vocabulary) and exclusions apply."""
+    mask = None
+    if "fexclude" in inputs:
+        mask = exclusion_words(inputs["fexclude"], store.num_words)
+    prog = _program(spec, inputs, "ffilter")
+    if prog is not None:
+        fm = filter_mask(store.filters, prog, backend=spec.backend)
+        mask = fm if mask is None else mask & fm
+    if mask is not None:
+        mask = jnp.tile(mask, (t, 1))
+    vals, slots, _ = _search_core(store, q, mask, None, k=k0, nprobe=0, rerank=0,
+                                  min_eligible_factor=spec.min_eligible_factor,
+                                  backend=spec.backend)
+    return vals, slots
+
+
+def retrieve_stage(spec: GraphSpec, indexes, u, inputs: dict, k0: int):
     """Stage 2 — ``(cand i32[B, T*k0], path i32[B, T])``: per-task filtered Int8 top-k0 from
-    one index copy (T x B queries), merged across tasks (storage rows, -1 empty)."""
+    one index copy (T x B queries; main and fresh merged by score), merged across tasks.
+    Candidates are rows: main storage rows, fresh slot ``s`` as ``main.num_rows + s``; -1
+    empty."""
+    index, store = indexes
     t, b, d = u.shape
     q = jnp.pad(u.reshape(t * b, d), ((0, 0), (0, index.items.codes.shape[1] - d)))
     mask = None
     if "exclude" in inputs:
         mask = exclusion_words(inputs["exclude"], index.num_words)               # [B, W]
-    prog = None
-    if "filter/ops" in inputs:
-        prog = FilterProgram(ops=inputs["filter/ops"], rowids=inputs["filter/rowids"],
-                             terms=inputs["filter/terms"], lengths=inputs["filter/lengths"],
-                             per_query=True, num_hashes=spec.num_hashes,
-                             stack_depth=spec.stack_depth)
+    prog = _program(spec, inputs, "filter")
+    if prog is not None:
         if index.ivf is None or not spec.nprobe:
             # flat scan: one mask per user, shared by that user's T task queries
             fm = filter_mask(index.filters, prog, backend=spec.backend)          # [B, W]
@@ -132,18 +165,29 @@ def retrieve_stage(spec: GraphSpec, index, u, inputs: dict, k0: int):
                                           prog)
     if mask is not None:
         mask = jnp.tile(mask, (t, 1))                                            # [T*B, W]
-    _, rows, path = _search_core(index, q, mask, prog, k=k0, nprobe=spec.nprobe, rerank=0,
-                                 min_eligible_factor=spec.min_eligible_factor,
-                                 backend=spec.backend)
+    vals, rows, path = _search_core(index, q, mask, prog, k=k0, nprobe=spec.nprobe, rerank=0,
+                                    min_eligible_factor=spec.min_eligible_factor,
+                                    backend=spec.backend)
+    if store is not None:
+        fv, fs = _fresh_topk(spec, store, q, t, inputs, k0)
+        allv = jnp.concatenate([vals, fv], axis=1)
+        allr = jnp.concatenate([rows, jnp.where(fs >= 0, fs + index.num_rows, -1)], axis=1)
+        vals, pos = lax.top_k(allv, k0)
+        rows = jnp.where(vals > NEG_INF, jnp.take_along_axis(allr, pos, axis=1), -1)
     rows = rows.reshape(t, b, k0).transpose(1, 0, 2).reshape(b, t * k0)
     return merge_candidates(rows, t, spec.merge), path.reshape(t, b).T
 
 
-def rank_stage(spec: GraphSpec, params, index, u, cand, path, k: int) -> dict:
+def rank_stage(spec: GraphSpec, params, indexes, u, cand, path, k: int) -> dict:
     """Stage 3 — OverArch on the candidates (embedding cache) -> Value Model -> top-k; the
     output dict of :func:`retrieval_graph`."""
+    index, store = indexes
     live = cand >= 0
-    emb = index.cache[jnp.maximum(cand, 0)].astype(jnp.float32)                  # [B, C, D]
+    emb = index.cache[jnp.clip(cand, 0, index.num_rows - 1)].astype(jnp.float32)  # [B, C, D]
+    if store is not None:
+        slot = jnp.clip(cand - index.num_rows, 0, store.num_rows - 1)
+        emb = jnp.where((cand >= index.num_rows)[..., None],
+                        store.cache[slot].astype(jnp.float32), emb)
     if spec.rank == "overarch" and spec.overarch_graph is not None:
         logits = nnx.merge(spec.overarch_graph, params["overarch"])(u, emb)      # [B, C, T]
         preds = jax.nn.sigmoid(logits.astype(jnp.float32))
@@ -157,8 +201,13 @@ def rank_stage(spec: GraphSpec, params, index, u, cand, path, k: int) -> dict:
     top_rows = jnp.take_along_axis(cand, pos, axis=1)
     ok = jnp.take_along_axis(live, pos, axis=1)
     task_scores = jnp.take_along_axis(preds, pos[..., None], axis=1)
-    pos_item = top_rows if index.perm is None else index.perm[jnp.maximum(top_rows, 0)]
+    main_rows = jnp.clip(top_rows, 0, index.num_rows - 1)
+    pos_item = main_rows if index.perm is None else index.perm[main_rows]
     ids = pos_item if index.ids is None else index.ids[jnp.maximum(pos_item, 0)]
+    if store is not None:
+        fresh = top_rows >= index.num_rows
+        slot = jnp.clip(top_rows - index.num_rows, 0, store.num_rows - 1)
+        ids = jnp.where(fresh, store.ids[slot].astype(ids.dtype), ids)
     ids = jnp.where(ok, ids, -1)
     top = jnp.where(ok, top, NEG_INF)
     task_scores = jnp.where(ok[..., None], task_scores, jnp.nan)
@@ -190,6 +239,6 @@ def retrieval_graph(spec: GraphSpec, weights: dict, inputs: dict, *, k: int, k0:
       ``num_candidates i32[B]`` merged candidates, ``path i32[B, T]`` search path per task
       query (0 flat, 1 IVF, 2 starved IVF answered by the flat scan).
     """
-    params, index, u = user_stage(spec, weights, inputs)
-    cand, path = retrieve_stage(spec, index, u, inputs, k0)
-    return rank_stage(spec, params, index, u, cand, path, k)
+    params, indexes, u = user_stage(spec, weights, inputs)
+    cand, path = retrieve_stage(spec, indexes, u, inputs, k0)
+    return rank_stage(spec, params, indexes, u, cand, path, k)

@@ -127,6 +127,14 @@ class HostSide:
             raise RequestError(f"unknown {what} ids {bad[:10].tolist()} (not in the catalogue)")
         return self._id_order[j].astype(np.int64)
 
+    def known(self, item_ids) -> np.ndarray:
+        """bool[n]: which external ids are in the published catalogue."""
+        ids = np.asarray(item_ids).reshape(-1)
+        if not ids.size:
+            return np.zeros(0, bool)
+        j = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
+        return self._sorted_ids[j] == ids
+
     def title(self, item_id) -> str:
         if item_id < 0:
             return ""

@@ -1,7 +1,9 @@
 """``Retriever``: a published bundle as one jitted retrieval graph (in process)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import threading
 from collections.abc import Sequence
 
 import jax
@@ -11,7 +13,7 @@ from flax import nnx
 
 from serving._bundle import BundleData, BundleError, check_model_matches, read_bundle
 from serving._graph import MERGES, RANKS, GraphSpec, retrieval_graph
-from serving._host import DEFAULT_BUCKETS, HostSide, check_buckets
+from serving._host import DEFAULT_BUCKETS, HostSide, RequestError, check_buckets
 from serving._runner import Runner
 from st_jax._filter_lang import DEFAULT_STACK_DEPTH
 from st_jax._persist import index_from_flat
@@ -49,6 +51,25 @@ def _restore(template, flat: dict, key_fn):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+@dataclasses.dataclass(frozen=True)
+class _State:
+    """What queries read (swapped as one reference): graph spec and jitted function, weights
+    (model, main index, fresh store), the main index and fresh index, titles of fresh items,
+    and the number of updates applied since loading."""
+
+    spec: GraphSpec
+    fn: object
+    weights: dict
+    main: object
+    fresh: object
+    titles: dict
+    updates: int
+
+
+def _item_apply(graph, params, features):
+    return nnx.merge(graph, params)(features)
+
+
 class Retriever(Runner):
     """A bundle served as one jitted function: user tower -> per-task filtered Int8 IVF top-k0
     -> task merge -> OverArch -> Value Model -> top-k.
@@ -61,7 +82,8 @@ class Retriever(Runner):
 
     def __init__(self, data: BundleData, *, buckets: Sequence[int] = DEFAULT_BUCKETS,
                  nprobe: int | None = None, merge: str | None = None, rank: str = "overarch",
-                 backend: str = "auto", min_eligible_factor: float = 16.0):
+                 backend: str = "auto", min_eligible_factor: float = 16.0,
+                 fresh_capacity: int = 4096):
         from training import _io
         from training._config import TrainConfig
         from training._models import TwoTower, make_overarch
@@ -127,6 +149,13 @@ class Retriever(Runner):
         self.default_k0 = int(m["serving"]["k0"])
         self._fn = jax.jit(functools.partial(retrieval_graph, self.spec),
                            static_argnames=("k", "k0"))
+        # item updates: the published state above stays as is; `_state` is what queries use
+        self.schema = schema
+        self.fresh_capacity = int(fresh_capacity)
+        self._item_fn = jax.jit(functools.partial(_item_apply, graphs.item_tower))
+        self._item_params = params["item_tower"]
+        self._lock = threading.Lock()
+        self._state = _State(self.spec, self._fn, self.weights, index, None, {}, 0)
 
     @classmethod
     def load(cls, bundle_dir: str, *, model=None, **kw) -> "Retriever":
@@ -154,12 +183,137 @@ class Retriever(Runner):
         """The same bundle with other serving options (``rank``, ``merge``, ``nprobe`` ...)."""
         base = {"buckets": self.buckets, "nprobe": self.spec.nprobe or None,
                 "merge": self.spec.merge, "rank": self.spec.rank, "backend": self.spec.backend,
-                "min_eligible_factor": self.spec.min_eligible_factor}
+                "min_eligible_factor": self.spec.min_eligible_factor,
+                "fresh_capacity": self.fresh_capacity}
         return Retriever(self.data, **{**base, **kw})
 
-    def _graph(self, bucket: int, k: int, k0: int, inputs: dict) -> dict:
-        return self._fn(self.weights, {key: jnp.asarray(v) for key, v in inputs.items()},
-                        k=int(k), k0=int(k0))
+    def _graph(self, snap, bucket: int, k: int, k0: int, inputs: dict) -> dict:
+        return snap.fn(snap.weights, {key: jnp.asarray(v) for key, v in inputs.items()},
+                       k=int(k), k0=int(k0))
+
+    # --- item updates (fresh index) ----------------------------------------------------------
+    def _snapshot(self) -> "_State":
+        return self._state
+
+    def _split_exclude(self, snap, exclude):
+        if exclude is None or snap.fresh is None:
+            return exclude, None
+        main, other = [], []
+        for e in exclude:       # per user: split ids into published / fresh items
+            e = np.asarray(e).reshape(-1) if np.size(e) else np.zeros(0, np.int64)
+            known = self.host.known(e)
+            main.append(e[known])
+            other.append(e[~known])
+        return main, other
+
+    def _extra_inputs(self, snap, filters, exclude, bucket: int) -> dict:
+        if snap.fresh is None:
+            return {}
+        from st_jax._fresh import compile_fresh_filter
+        out = {}
+        if filters is not None:
+            fl = list(filters) + [filters[0]] * (bucket - len(filters))
+            prog = compile_fresh_filter(snap.fresh, fl, batch_size=bucket)
+            out.update({"ffilter/ops": prog.ops, "ffilter/rowids": prog.rowids,
+                        "ffilter/terms": prog.terms, "ffilter/lengths": prog.lengths})
+        if exclude is not None and any(np.size(e) for e in exclude):
+            slot_ids = np.asarray(snap.fresh.store.ids)
+            order = np.argsort(slot_ids, kind="stable")
+            width = max(16, 1 << (max(np.size(e) for e in exclude) - 1).bit_length())
+            ex = np.full((bucket, width), -1, np.int32)
+            for i, e in enumerate(exclude):          # per user: fresh ids -> slots
+                j = np.minimum(np.searchsorted(slot_ids[order], e), len(order) - 1)
+                bad = e[slot_ids[order][j] != e]
+                if bad.size:
+                    raise RequestError(f"unknown excluded ids {bad[:10].tolist()} (not in the "
+                                       "catalogue)")
+                ex[i, :e.size] = order[j]
+            out["fexclude"] = ex
+        return out
+
+    def fresh_stats(self) -> dict:
+        """``{"capacity", "used" (slots written), "live" (fresh items), "updates"}``."""
+        st = self._state
+        return {"capacity": self.fresh_capacity,
+                "used": 0 if st.fresh is None else st.fresh.num_used,
+                "live": 0 if st.fresh is None else st.fresh.num_live,
+                "updates": st.updates}
+
+    def _embed(self, ids, features) -> np.ndarray:
+        try:
+            n = self.schema.validate(features, "item")
+        except ValueError as e:
+            raise RequestError(f"item features: {e}") from None
+        if n != np.asarray(ids).reshape(-1).shape[0]:
+            raise RequestError(f"{n} feature rows for {np.size(ids)} item ids")
+        emb = np.asarray(self._item_fn(self._item_params,
+                                       {f: jnp.asarray(v) for f, v in features.items()}))
+        bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+        if bad.size:
+            raise RequestError(f"the item tower produced NaN/Inf embeddings for items "
+                               f"{np.asarray(ids).reshape(-1)[bad[:10]].tolist()}")
+        return emb
+
+    def _apply(self, op) -> None:
+        """Runs ``op(main, fresh) -> (main, fresh)`` under the writer lock and publishes the
+        new state with one reference swap (queries see the old or the new state, never half)."""
+        from st_jax import _fresh as fr
+        with self._lock:
+            st = self._state
+            main, fresh = st.main, st.fresh
+            spec, fn = st.spec, st.fn
+            if fresh is None:                                  # first update: enable
+                main = fr._with_live(main)
+                fresh = fr.create_fresh(main, self.fresh_capacity)
+                wi, itree, ikeys = flat_weights(main, "index/", _dot_key)
+                wf, ftree, fkeys = flat_weights(fresh.store, "fresh/", _dot_key)
+                spec = dataclasses.replace(self.spec, index_treedef=itree, index_keys=ikeys,
+                                           fresh_treedef=ftree, fresh_keys=fkeys)
+                fn = jax.jit(functools.partial(retrieval_graph, spec),
+                             static_argnames=("k", "k0"))
+            main, fresh = op(main, fresh)
+            weights = {k: v for k, v in st.weights.items() if k.startswith("model/")}
+            weights.update(flat_weights(main, "index/", _dot_key)[0])
+            weights.update(flat_weights(fresh.store, "fresh/", _dot_key)[0])
+            self._state = _State(spec, fn, weights, main, fresh, st.titles, st.updates + 1)
+
+    def add_items(self, ids, features, attributes=None, titles=None) -> dict:
+        """Adds new items (ids not live anywhere), embedded by the bundle's item tower; visible
+        to the next query. Raises RequestError (bad input), DuplicateIdError, IndexFullError
+        (compact / republish, or load with a larger ``fresh_capacity``)."""
+        from st_jax import fresh as fr
+        ids = np.asarray(ids).reshape(-1)
+        emb = self._embed(ids, features)
+        if titles is not None and len(titles) != ids.size:
+            raise RequestError(f"{len(titles)} titles for {ids.size} items")
+        self._apply(lambda m, f: (m, fr.add(m, f, ids, emb, attributes)))
+        if titles is not None:
+            self._state.titles.update({int(i): str(t) for i, t in zip(ids, titles)})
+        return {"added": ids.tolist(), **self.fresh_stats()}
+
+    def update_items(self, ids, features=None, attributes=None) -> dict:
+        """Re-embeds (``features``) and/or re-tags (``attributes``: the named fields only)
+        items of the bundle or the fresh index; visible to the next query."""
+        from st_jax import fresh as fr
+        ids = np.asarray(ids).reshape(-1)
+        emb = None if features is None else self._embed(ids, features)
+        self._apply(lambda m, f: fr.update(m, f, ids, embeddings=emb, attributes=attributes))
+        return {"updated": ids.tolist(), **self.fresh_stats()}
+
+    def delete_items(self, ids) -> dict:
+        """Tombstones items (bundle or fresh); they are never returned from the next query on."""
+        from st_jax import fresh as fr
+        ids = np.asarray(ids).reshape(-1)
+        self._apply(lambda m, f: fr.delete(m, f, ids))
+        return {"deleted": ids.tolist(), **self.fresh_stats()}
+
+    def title(self, item_id: int) -> str:
+        t = self._state.titles.get(int(item_id))
+        if t is not None:
+            return t
+        if item_id >= 0 and not self.host.known([item_id])[0]:
+            return str(int(item_id))
+        return self.host.title(item_id)
 
     def export(self, path: str, *, platform: str = "cpu", batch_sizes: Sequence[int] | None = None,
                k: int = 100, k0: int | None = None, exclude_max: int = 0) -> str:

@@ -56,6 +56,8 @@ class Runner:
         filters = self.host.filters_for(filter, b)
         if exclude is not None and len(exclude) != b:
             raise RequestError(f"exclude has {len(exclude)} entries for {b} users")
+        snap = self._snapshot()                  # one consistent state for the whole request
+        exclude, extra_exclude = self._split_exclude(snap, exclude)
         width = self._prepare(b, exclude)
         big = max(self.buckets)
         parts = []
@@ -63,14 +65,27 @@ class Runner:
             e = min(b, s + big)
             feats = {f: np.asarray(v)[s:e] for f, v in user_features.items()}
             bucket = bucket_for(e - s, self.buckets)
-            inputs = self.host.inputs(feats, None if filters is None else filters[s:e],
-                                      None if exclude is None else list(exclude[s:e]),
+            fl = None if filters is None else filters[s:e]
+            inputs = self.host.inputs(feats, fl, None if exclude is None else list(exclude[s:e]),
                                       bucket, width, always_filter=self._always_filter)
-            out = self._graph(bucket, k, k0, inputs)
+            inputs.update(self._extra_inputs(
+                snap, fl, None if extra_exclude is None else extra_exclude[s:e], bucket))
+            out = self._graph(snap, bucket, k, k0, inputs)
             parts.append(self.host.result(out, e - s, k))
         return concat_results(parts)
 
     _always_filter = False
+
+    # hooks for state that changes while serving (the fresh index of a Retriever)
+    def _snapshot(self):
+        return None
+
+    def _split_exclude(self, snap, exclude):
+        """(exclusions of catalogue items, exclusions handled by `_extra_inputs`)."""
+        return exclude, None
+
+    def _extra_inputs(self, snap, filters, exclude, bucket: int) -> dict:
+        return {}
 
     def recommend(self, user_ids: Sequence, *, filter=None, k: int = 10,
                   k0: int | None = None, exclude_seen: bool = True) -> Recommendations:
@@ -81,6 +96,9 @@ class Runner:
         exclude = self.host.seen_items(rows) if exclude_seen else None
         return self(feats, filter=filter, k=k, k0=k0, exclude=exclude)
 
+    def title(self, item_id: int) -> str:
+        return self.host.title(item_id)
+
     def titles(self, ids: np.ndarray) -> list[list[str]]:
-        """Display titles for an id array ``[B, k]`` (empty strings for -1)."""
-        return [[self.host.title(int(i)) for i in row if i >= 0] for row in np.asarray(ids)]
+        """Display titles for an id array ``[B, k]`` (-1 entries are skipped)."""
+        return [[self.title(int(i)) for i in row if i >= 0] for row in np.asarray(ids)]
