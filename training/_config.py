@@ -98,7 +98,8 @@ def tiny_config(**overrides) -> TrainConfig:
         tower=TowerConfig(embed_dim=8, user_hidden=(16,), item_hidden=(16,), out_dim=8),
         overarch=OverArchConfig(kind="mol", hidden=(16,), user_components=2, item_components=2,
                                 component_dim=8, steps=20, batch_size=32, hard_pool=20,
-                                num_hard=4, num_random=4, rerank_top=50),
+                                num_hard=4, num_random=4, rerank_top=50, hard_rank_min=2,
+                                holdout=2, refresh_steps=10),
         steps=30, batch_size=64, checkpoint_every=10, log_every=10, progress=False,
         evaluate_at_end=False)
     return dataclasses.replace(cfg, **overrides)

@@ -173,7 +173,19 @@ class OverArchConfig:
       steps: training steps (towers frozen); batch_size: positives per step.
       learning_rate: Adam learning rate.
       hard_pool: the top-`hard_pool` dot-product items per user form the hard-candidate pool.
+      hard_rank_min: hard negatives are drawn from the pool ranks [hard_rank_min, hard_pool)
+        (0: the whole pool; larger values skip the very top, where the user's future positives
+        concentrate).
       num_hard / num_random: negatives per positive drawn from the pool / uniformly.
+      holdout: the last `holdout` training interactions of every user (time order; at most all
+        but one) are kept from the two towers and are the OverArch's positives, with the pool
+        retrieved by the towers with only the earlier items masked, as at serving time, where
+        the OverArch re-ranks retrieved candidates for the user's *next* item. 0: the towers
+        see all training interactions and the OverArch trains on them too.
+      refresh_steps: after the OverArch phase, the towers train this many more steps on all
+        training interactions (the holdout included; OverArch frozen), so the served towers
+        know every user's latest items; a short refresh keeps the embeddings close to those the
+        OverArch was trained on.
       listwise_weight: weight of the softmax loss over [positive, negatives] added to the
         per-task binary cross-entropy.
       listwise_all_tasks: the listwise term for every task (rows whose positive has the task's
@@ -190,16 +202,30 @@ class OverArchConfig:
     batch_size: int = 256
     learning_rate: float = 2e-3
     hard_pool: int = 200
+    hard_rank_min: int = 0
     num_hard: int = 16
     num_random: int = 16
     listwise_weight: float = 1.0
     listwise_all_tasks: bool = False
     rerank_top: int = 200
+    holdout: int = 10
+    refresh_steps: int = 500
 
     def __post_init__(self):
         if self.kind not in ("mol", "mlp", "none"):
             raise ValueError(f"OverArchConfig.kind must be 'mol', 'mlp' or 'none', got "
                              f"{self.kind!r}")
+        for name in ("hard_pool", "batch_size", "rerank_top"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"OverArchConfig.{name} must be a positive int, got {v!r}")
+        for name in ("hard_rank_min", "num_hard", "num_random", "holdout", "refresh_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"OverArchConfig.{name} must be an int >= 0, got {v!r}")
+        if self.hard_rank_min >= self.hard_pool:
+            raise ValueError(f"OverArchConfig.hard_rank_min ({self.hard_rank_min}) must be < "
+                             f"hard_pool ({self.hard_pool})")
 
 
 def _pair_inputs(user_emb: jax.Array, item_emb: jax.Array):

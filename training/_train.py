@@ -1,11 +1,22 @@
 """Training: two-tower phase, then OverArch phase on retrieved hard candidates; checkpoints.
 
+With `overarch.holdout = k > 0`, the last k training interactions of every user are held out
+of phase 1 and are the OverArch's positives in phase 2 (otherwise both phases use all training
+interactions).
+
 Phase 1 (steps [0, S1)): the towers learn with the in-batch sampled softmax (log-Q corrected),
 AdamW. Phase 2 (steps [S1, S1 + S2)): towers frozen; item and user embeddings are computed once;
-every user's top-`hard_pool` dot-product items (training items masked) form a hard-candidate
-pool; each step takes a batch of training interactions, `num_hard` negatives from the user's pool
-and `num_random` uniform negatives, and fits the OverArch with per-task sigmoid cross-entropy plus
-a listwise softmax term.
+every user's top-`hard_pool` dot-product items (the towers' training items masked) form a
+hard-candidate pool; each step takes a batch of positives, `num_hard` negatives from ranks
+[`hard_rank_min`, `hard_pool`) of the user's pool and `num_random` uniform negatives, and fits the
+OverArch with per-task sigmoid cross-entropy plus a listwise softmax term. Phase 3 (steps
+[S1 + S2, S1 + S2 + S3), S3 = `overarch.refresh_steps`): OverArch frozen, the towers continue
+(same AdamW state) on all training interactions, so they also learn every user's latest items.
+
+Why the holdout: trained on the towers' own training items, the OverArch sees positives whose dot
+products the towers memorised and "negatives" from the top of the pool that include the users'
+future items; on MovieLens-100K that re-ranking helped the test split but hurt the validation
+split. Training it on the next items the towers did not see mirrors its use at serving time.
 
 Determinism: batch b of step s is drawn from numpy generators seeded by (seed, phase, s or epoch),
 never from state carried across steps, so resuming from a checkpoint at step s reproduces the
@@ -29,7 +40,7 @@ from flax import nnx
 
 from training import _io
 from training._config import TrainConfig
-from training._data import Dataset, load_dataset
+from training._data import Csr, Dataset, Interactions, _csr, load_dataset
 from training._losses import overarch_loss, sampled_softmax_loss
 from training._trained import Graphs, TrainedModel, build_modules, split_params
 from training._value_model import ValueModel
@@ -125,17 +136,17 @@ def overarch_optimizer(config: TrainConfig):
 # ---------------------------------------------------------------------------------------------
 
 class _EpochBatches:
-    """Batch of step s = rows of a per-epoch permutation seeded by (seed, 1, epoch)."""
+    """Batch of step s = rows of a per-epoch permutation seeded by (seed, phase, epoch)."""
 
-    def __init__(self, n: int, batch: int, seed: int):
-        self.n, self.batch, self.seed = n, min(batch, n), seed
+    def __init__(self, n: int, batch: int, seed: int, phase: int = 1):
+        self.n, self.batch, self.seed, self.phase = n, min(batch, n), seed, phase
         self.per_epoch = max(1, n // self.batch)
         self._epoch, self._perm = -1, None
 
     def __call__(self, step: int) -> np.ndarray:
         epoch, j = divmod(step, self.per_epoch)
         if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, 1, epoch]).permutation(self.n)
+            self._perm = np.random.default_rng([self.seed, self.phase, epoch]).permutation(self.n)
             self._epoch = epoch
         return self._perm[j * self.batch:(j + 1) * self.batch]
 
@@ -145,36 +156,67 @@ def _masked_topk(u, items, mask, k):
     return jax.lax.top_k(jnp.where(mask, -jnp.inf, u @ items.T), k)[1]
 
 
-def hard_candidate_pool(user_emb: np.ndarray, item_emb: np.ndarray, dataset: Dataset,
-                        pool: int, chunk: int = 4096) -> np.ndarray:
-    """i32[U, H]: each user's top-H items by task-0 dot product, training items masked."""
-    seen = dataset.seen("valid")  # = the training items
-    h = min(pool, dataset.num_items)
+def overarch_holdout(train: Interactions, num_users: int, holdout: int) -> np.ndarray:
+    """bool[E]: True for the last `holdout` training interactions of each user in (timestamp,
+    item) order, at most all but the user's first one (every user keeps a tower interaction).
+
+    Args: train: the E training interactions (any row order); num_users: U; holdout: >= 0.
+    """
+    n = len(train)
+    if holdout <= 0 or n == 0:
+        return np.zeros(n, bool)
+    order = np.lexsort((train.item, train.timestamp, train.user))
+    users = train.user[order]
+    counts = np.bincount(users, minlength=num_users)
+    pos = np.arange(n) - (np.cumsum(counts) - counts)[users]          # rank within the user
+    from_end = counts[users] - 1 - pos
+    out = np.zeros(n, bool)
+    out[order] = from_end < np.minimum(holdout, counts[users] - 1)
+    return out
+
+
+def hard_candidate_pool(user_emb: np.ndarray, item_emb: np.ndarray, seen: Csr, pool: int,
+                        chunk: int = 4096) -> np.ndarray:
+    """i32[U, H]: each user's top-H items by task-0 dot product, `seen` items masked.
+
+    Args: user_emb f32[T, U, D]; item_emb f32[N, D]; seen: per-user items to mask; pool: H
+    (capped at N).
+    """
+    num_users, num_items = user_emb.shape[1], item_emb.shape[0]
+    h = min(pool, num_items)
     items = jnp.asarray(item_emb)
     topk = functools.partial(_masked_topk, k=h)
     out = []
-    for s in range(0, dataset.num_users, chunk):
-        rows = np.arange(s, min(s + chunk, dataset.num_users))
-        mask = seen.dense_mask(rows, dataset.num_items)
+    for s in range(0, num_users, chunk):
+        rows = np.arange(s, min(s + chunk, num_users))
+        mask = seen.dense_mask(rows, num_items)
         out.append(np.asarray(topk(jnp.asarray(user_emb[0, rows]), items, jnp.asarray(mask))))
     return np.concatenate(out).astype(np.int32)
 
 
 class _OverArchBatches:
-    """Batch of OverArch step s, seeded by (seed, 2, s): positives + pool / uniform negatives."""
+    """Batch of OverArch step s, seeded by (seed, 2, s): positives + pool / uniform negatives.
 
-    def __init__(self, dataset: Dataset, pool: np.ndarray, cfg, seed: int):
-        self.d, self.pool, self.cfg, self.seed = dataset, pool, cfg, seed
+    Positives are drawn uniformly from `positives`; hard negatives from pool ranks
+    [cfg.hard_rank_min, H); negatives that are training items of the user get weight 0.
+    """
+
+    def __init__(self, dataset: Dataset, positives: Interactions, pool: np.ndarray, cfg,
+                 seed: int):
+        self.d, self.pos, self.pool, self.cfg, self.seed = dataset, positives, pool, cfg, seed
         tr = dataset.train
         self.keys = np.unique(tr.user.astype(np.int64) * dataset.num_items + tr.item)
 
     def __call__(self, step: int):
-        c, d, tr = self.cfg, self.d, self.d.train
+        """-> users i32[B], cands i32[B, C] (column 0 = positive), labels f32[B, C, T],
+        weights f32[B, C]."""
+        c, d, tr = self.cfg, self.d, self.pos
         rng = np.random.default_rng([self.seed, 2, step])
         b = min(c.batch_size, len(tr))
         pos = rng.integers(0, len(tr), size=b)
         users, items = tr.user[pos], tr.item[pos]
-        hard = self.pool[users[:, None], rng.integers(0, self.pool.shape[1], size=(b, c.num_hard))]
+        lo = min(c.hard_rank_min, self.pool.shape[1] - 1)
+        hard = self.pool[users[:, None], rng.integers(lo, self.pool.shape[1], size=(b, c.num_hard))]
         rand = rng.integers(0, d.num_items, size=(b, c.num_random))
         cands = np.concatenate([items[:, None], hard, rand], axis=1).astype(np.int32)
         keys = users[:, None].astype(np.int64) * d.num_items + cands
@@ -243,6 +285,8 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None,
     s1 = config.steps
     s2 = config.overarch.steps if oa is not None else 0
     total = s1 + s2
+    s3 = config.overarch.refresh_steps if oa is not None else 0
+    total3 = total + s3
 
     mngr, start = None, 0
     if config.out_dir:
@@ -274,47 +318,60 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None,
 
     ds_j = {"uf": {k: jnp.asarray(v) for k, v in ds.user_features.items()},
             "itf": {k: jnp.asarray(v) for k, v in ds.item_features.items()}}
-    pop = ds.item_popularity()
+    held = overarch_holdout(ds.train, ds.num_users, config.overarch.holdout if oa is not None
+                            else 0)
+    tower_train = ds.train.take(~held)                        # phase 1 trains on these
+    oa_positives = ds.train.take(held) if held.any() else ds.train    # phase 2 positives
+    pop = np.bincount(tower_train.item, minlength=ds.num_items).astype(np.float32)
     log_q = (np.log(np.maximum(pop, 1.0) / max(pop.sum(), 1.0)) if config.tower.logq_correction
              else np.zeros_like(pop))
     log_q = jnp.asarray(log_q, jnp.float32)
-    progress = _Progress(total, start, config.progress)
+    progress = _Progress(total3, start, config.progress)
     history = []
     try:
-        # ---- phase 1: two towers
-        if start < s1:
-            step_fn = _two_tower_step_cached(graphs, config.learning_rate, config.weight_decay,
-                                             tuple(float(x) for x in tw),
-                                             config.tower.learn_temperature)
-            batches = _EpochBatches(len(ds.train), config.batch_size, config.seed)
+        step_fn_tt = None
+        if start < s1 or (start < total3 and s3 > 0):
+            step_fn_tt = _two_tower_step_cached(graphs, config.learning_rate,
+                                                config.weight_decay, tuple(float(x) for x in tw),
+                                                config.tower.learn_temperature)
+
+        def tower_phase(first: int, last: int, offset: int, tr, lq, batches, name: str):
+            """Two-tower steps [first, last) of the run (batch `s - offset` of `batches`)."""
             p, o = state["tt_params"], state["tt_opt"]
-            for s in range(start, s1):
-                idx = batches(s)
-                tr = ds.train
-                p, o, loss, per_task = step_fn(p, o, ds_j["uf"], ds_j["itf"], log_q,
-                                               jnp.asarray(tr.user[idx]), jnp.asarray(tr.item[idx]),
-                                               jnp.asarray(tr.labels[idx]))
-                m = {"phase": "two_tower"}
-                if (s + 1) % config.log_every == 0 or s + 1 == s1:
+            for s in range(first, last):
+                idx = batches(s - offset)
+                p, o, loss, per_task = step_fn_tt(p, o, ds_j["uf"], ds_j["itf"], lq,
+                                                  jnp.asarray(tr.user[idx]),
+                                                  jnp.asarray(tr.item[idx]),
+                                                  jnp.asarray(tr.labels[idx]))
+                m = {"phase": name}
+                k = s + 1 - offset
+                if k % config.log_every == 0 or s + 1 == last:
                     m["loss"] = float(loss)
                     m["per_task"] = {t: float(x) for t, x in zip(ds.tasks, per_task)}
                     history.append({"step": s + 1, **m})
-                    progress.update(s, config.log_every if (s + 1) % config.log_every == 0
-                                    else (s + 1) % config.log_every, "two_tower", m["loss"],
-                                    len(idx))
+                    progress.update(s, config.log_every if k % config.log_every == 0
+                                    else k % config.log_every, name, m["loss"], len(idx))
                 state["tt_params"], state["tt_opt"] = p, o
-                if (s + 1) % config.checkpoint_every == 0 or s + 1 == s1:
+                if (s + 1) % config.checkpoint_every == 0 or s + 1 == last:
                     save(s + 1)
                 if callback is not None:
                     callback(s + 1, m)
+
+        # ---- phase 1: two towers (without the OverArch holdout)
+        if start < s1:
+            tower_phase(start, s1, 0, tower_train, log_q,
+                        _EpochBatches(len(tower_train), config.batch_size, config.seed),
+                        "two_tower")
         # ---- phase 2: OverArch on frozen embeddings
         if oa is not None and start < total and s2 > 0:
             tmp = TrainedModel(config, ds, graphs, {**state["tt_params"],
                                                     "overarch": state["oa_params"]}, vm)
             item_emb = tmp.item_embeddings()
             user_emb = tmp.users_embeddings_by_row(np.arange(ds.num_users))
-            pool = hard_candidate_pool(user_emb, item_emb, ds, config.overarch.hard_pool)
-            batches = _OverArchBatches(ds, pool, config.overarch, config.seed)
+            seen = _csr(tower_train.user, tower_train.item, ds.num_users)
+            pool = hard_candidate_pool(user_emb, item_emb, seen, config.overarch.hard_pool)
+            batches = _OverArchBatches(ds, oa_positives, pool, config.overarch, config.seed)
             step_fn = _overarch_step_cached(graphs, config.overarch.learning_rate,
                                             config.overarch.listwise_weight,
                                             config.overarch.listwise_all_tasks)
@@ -339,6 +396,15 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None,
                     save(s + 1)
                 if callback is not None:
                     callback(s + 1, m)
+        # ---- phase 3: towers refreshed on all training interactions, OverArch frozen
+        if s3 > 0 and start < total3:
+            pop_all = ds.item_popularity()
+            lq_all = (np.log(np.maximum(pop_all, 1.0) / max(pop_all.sum(), 1.0))
+                      if config.tower.logq_correction else np.zeros_like(pop_all))
+            tower_phase(max(start, total), total3, total, ds.train,
+                        jnp.asarray(lq_all, jnp.float32),
+                        _EpochBatches(len(ds.train), config.batch_size, config.seed, phase=3),
+                        "tower_refresh")
     finally:
         progress.close()
         if mngr is not None:

@@ -39,7 +39,8 @@ def test_same_seed_same_model_and_seed_matters(tiny_config, tiny_dataset, tiny_r
     assert not np.array_equal(_leaves(other.params)[0], _leaves(model.params)[0])
 
 
-@pytest.mark.parametrize("stop_at", [15, 35])   # in the two-tower phase / the OverArch phase
+# in the two-tower phase / the OverArch phase / the tower refresh
+@pytest.mark.parametrize("stop_at", [15, 35, 55])
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_config, tiny_dataset,
                                                          tiny_run, stop_at):
     model, _ = tiny_run
