@@ -14,7 +14,7 @@ Python::
 CLI: ``st-jax publish MODEL_DIR --out BUNDLE``, ``st-jax query BUNDLE --user 42 --filter ...``,
 ``st-jax export BUNDLE --platform cpu --out ART``.
 """
-from serving._bundle import (BundleError, Catalogue, CatalogueError, SkewError,
+from serving._bundle import (BundleError, Catalogue, CatalogueError, SkewError, compact,
                              default_num_clusters, model_fingerprint, publish, read_bundle)
 from serving._export import ExportedRetriever, load_exported
 from serving._host import Recommendations, RequestError, UnknownUserError
@@ -23,7 +23,7 @@ from serving._store import StoreError, TamperedError
 __all__ = [
     "BundleError", "Catalogue", "CatalogueError", "ExportedRetriever", "Recommendations",
     "RequestError", "Retriever", "SkewError", "StoreError", "TamperedError", "UnknownUserError",
-    "default_num_clusters", "load_exported", "model_fingerprint", "publish", "read_bundle",
+    "compact", "default_num_clusters", "load_exported", "model_fingerprint", "publish", "read_bundle",
 ]
 
 

@@ -352,3 +352,73 @@ def check_model_matches(data: BundleData, model) -> None:
     if fp != built:
         raise SkewError(f"version skew: this model is {fp[:12]}, the bundle's index was "
                         f"published with {built[:12]}; republish with this model")
+
+
+# ----------------------------------------------------------------------------- compaction
+
+def compact(retriever, bundle_dir: str | None = None, *,
+            _on_stage: Callable[[str], None] | None = None) -> str:
+    """Folds a retriever's item updates (fresh index, tombstones) into a new bundle version.
+
+    The model, users and settings are carried over; the index is rebuilt from every live item
+    (``st_jax.fresh.compact``: Int8 codes kept bit for bit, IVF re-clustered with the same
+    size); the users' seen-item lists are re-mapped to the new catalogue (deleted items
+    dropped). Written atomically like :func:`publish` (a crash leaves the previous version
+    live). Load the result with ``Retriever.load`` (or let the server hot-swap to it).
+
+    Args:
+      retriever: a ``serving.Retriever`` that received ``add/update/delete_items``.
+      bundle_dir: where to write (default: the bundle the retriever was loaded from).
+    Returns: the new version directory.
+    """
+    from st_jax._fresh import compact as compact_index
+
+    st = retriever._state
+    data = retriever.data
+    out = bundle_dir or os.path.dirname(os.path.dirname(data.path))
+    if st.fresh is None:
+        index = retriever.index
+    else:
+        index = compact_index(st.main, st.fresh)
+    index_flat, index_spec = index_to_flat(index)
+    arrays = {k: v for k, v in data.arrays.items() if not k.startswith("index/")}
+    arrays.update({f"index/{k}": v for k, v in index_flat.items()})
+    new_ids = np.asarray(index.ids) if index.ids is not None else np.arange(index.num_items)
+    old_ids = retriever.host.item_ids
+    if "users/seen_items" in arrays:                    # positions -> ids -> new positions
+        ip, items = arrays["users/seen_indptr"], arrays["users/seen_items"]
+        ids = old_ids[items]
+        order = np.argsort(new_ids, kind="stable")
+        j = np.minimum(np.searchsorted(new_ids[order], ids), new_ids.size - 1)
+        present = new_ids[order][j] == ids
+        owner = np.repeat(np.arange(ip.size - 1), np.diff(ip))
+        counts = np.bincount(owner[present], minlength=ip.size - 1)
+        arrays["users/seen_indptr"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        arrays["users/seen_items"] = order[j][present].astype(np.int32)
+    titles = None
+    if data.titles is not None or st.titles:
+        old = {} if data.titles is None else dict(zip(old_ids.tolist(), data.titles))
+        old.update(st.titles)
+        titles = [old.get(int(i), str(int(i))) for i in new_ids]
+    catalogue = canonical_json({"titles": titles})
+    manifest = json.loads(json.dumps({k: v for k, v in data.manifest.items()
+                                      if k != "content_hash"}))
+    manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    manifest["index"].update({
+        "spec": index_spec, "num_items": int(index.num_items),
+        "num_clusters": int(index.ivf.num_clusters) if index.ivf is not None else 0,
+        "bytes_per_item": index.bytes_per_item(),
+        "compacted_from": os.path.basename(data.path), "updates": int(st.updates)})
+    manifest["arrays"] = array_table(arrays)
+    manifest["content_hash"] = content_hash(arrays, canonical_json(manifest), catalogue)
+
+    def fill(tmp: str) -> None:
+        from st_jax._atomic import write_json_atomic
+        if _on_stage:
+            _on_stage("arrays")
+        save_arrays(os.path.join(tmp, "arrays"), arrays)
+        with open(os.path.join(tmp, "catalogue.json"), "wb") as f:
+            f.write(catalogue)
+        write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
+
+    return write_version(out, fill, on_stage=_on_stage)

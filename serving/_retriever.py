@@ -196,14 +196,25 @@ class Retriever(Runner):
         return self._state
 
     def _split_exclude(self, snap, exclude):
+        """Per user: ids of published items (excluded in the main index: harmless when
+        tombstoned) and ids living in the fresh index (new or updated items: excluded there);
+        an id in neither is an error."""
         if exclude is None or snap.fresh is None:
             return exclude, None
+        slot_ids = np.asarray(snap.fresh.store.ids)
+        live = np.sort(slot_ids[slot_ids >= 0])
         main, other = [], []
-        for e in exclude:       # per user: split ids into published / fresh items
+        for e in exclude:       # per user (host side)
             e = np.asarray(e).reshape(-1) if np.size(e) else np.zeros(0, np.int64)
             known = self.host.known(e)
+            j = np.minimum(np.searchsorted(live, e), max(live.size - 1, 0))
+            in_fresh = (live[j] == e) if live.size else np.zeros(e.shape, bool)
+            bad = e[~known & ~in_fresh]
+            if bad.size:
+                raise RequestError(f"unknown excluded ids {bad[:10].tolist()} (not in the "
+                                   "catalogue)")
             main.append(e[known])
-            other.append(e[~known])
+            other.append(e[in_fresh])
         return main, other
 
     def _extra_inputs(self, snap, filters, exclude, bucket: int) -> dict:
@@ -221,12 +232,9 @@ class Retriever(Runner):
             order = np.argsort(slot_ids, kind="stable")
             width = max(16, 1 << (max(np.size(e) for e in exclude) - 1).bit_length())
             ex = np.full((bucket, width), -1, np.int32)
-            for i, e in enumerate(exclude):          # per user: fresh ids -> slots
-                j = np.minimum(np.searchsorted(slot_ids[order], e), len(order) - 1)
-                bad = e[slot_ids[order][j] != e]
-                if bad.size:
-                    raise RequestError(f"unknown excluded ids {bad[:10].tolist()} (not in the "
-                                       "catalogue)")
+            sorted_ids = slot_ids[order]
+            for i, e in enumerate(exclude):          # per user: fresh ids -> live slots
+                j = np.searchsorted(sorted_ids, e, side="right") - 1   # the last slot of an id
                 ex[i, :e.size] = order[j]
             out["fexclude"] = ex
         return out

@@ -77,3 +77,63 @@ def test_fresh_capacity_and_export_guard(tmp_path, flat_bundle, tiny_model):
     r.delete_items([ds.item_ids[0]])
     with pytest.raises(ValueError, match="compact"):
         r.export(str(tmp_path / "x"), platform="cpu", batch_sizes=(1,))
+
+
+_KILLED_COMPACT = """
+import sys, time, numpy as np, serving
+r = serving.Retriever.load(sys.argv[1])
+r.delete_items([int(sys.argv[2])])
+def stage(name):
+    if name == "arrays":
+        print("STAGE", flush=True)
+        time.sleep(600)
+serving.compact(r, _on_stage=stage)
+"""
+
+
+def test_compact_folds_updates_into_a_new_version(tmp_path, flat_bundle, tiny_model):
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    ds = tiny_model.dataset
+    bundle = str(tmp_path / "b")
+    shutil.copytree(flat_bundle, bundle)
+    r = serving.Retriever.load(bundle, fresh_capacity=32)
+    users = ds.user_ids[:5]
+    cat = serving.Catalogue.from_dataset(ds)
+    rows = np.arange(20, 26)
+    new_ids = np.asarray(ds.item_ids)[rows] + 7000
+    r.add_items(new_ids, {f: np.asarray(v)[rows] for f, v in cat.features.items()},
+                {"genres": [["compacted"]] * rows.size}, titles=[f"n{i}" for i in new_ids])
+    r.delete_items([ds.item_ids[3], new_ids[0]])
+    r.update_items([ds.item_ids[4]], attributes={"genres": [["compacted"]]})
+    before = {f: r.recommend(users, filter=f, k=6) for f in (None, "genres:compacted")}
+    first = serving._store.current_version(bundle)
+
+    # a compaction killed midway leaves the previous version served
+    script = tmp_path / "c.py"
+    script.write_text(_KILLED_COMPACT)
+    p = subprocess.Popen([sys.executable, str(script), bundle, str(int(ds.item_ids[7]))],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        assert p.stdout.readline().startswith("STAGE"), p.stderr.read()
+        p.send_signal(signal.SIGKILL)
+    finally:
+        p.wait(timeout=60)
+    assert serving._store.current_version(bundle) == first
+    serving.Retriever.load(bundle)
+
+    new_version = serving.compact(r)
+    assert serving._store.current_version(bundle) == new_version != first
+    c = serving.Retriever.load(bundle)
+    assert c.data.manifest["index"]["num_items"] == ds.num_items + rows.size - 2
+    for f, want in before.items():
+        got = c.recommend(users, filter=f, k=6)
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-5)
+        assert (got.ids == want.ids).mean() > 0.95
+    assert c.titles([[new_ids[1]]]) == [[f"n{new_ids[1]}"]]
+    seen = c.host.seen_items(c.host.user_rows(ds.user_ids))
+    assert not any(ds.item_ids[3] in s for s in seen)          # deleted items dropped
