@@ -3,6 +3,7 @@
     st-jax publish runs/ml100k --out bundles/ml100k [--clusters 0 --k0 200]
     st-jax query bundles/ml100k --user 42 --filter 'genres:Comedy AND NOT year:1995' --k 10
     st-jax export bundles/ml100k --platform cpu --out exports/ml100k-cpu [--k 100]
+    st-jax serve bundles/ml100k --port 8080 [--host 127.0.0.1 --max-batch 128 --queue 1024]
 """
 from __future__ import annotations
 
@@ -55,6 +56,30 @@ def register(subparsers) -> None:
                    help="longest per-user exclusion list (seen items) accepted")
     e.set_defaults(func=_export)
 
+    s = subparsers.add_parser("serve", help="HTTP JSON API over a bundle (micro-batched)",
+                              description="POST /v1/recommend, POST /v1/items, POST "
+                                          "/v1/admin/reload, GET /healthz, GET /metrics "
+                                          "(see serving/_server.py).")
+    s.add_argument("bundle")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--max-batch", type=int, default=128, help="users per retriever call")
+    s.add_argument("--max-wait-ms", type=float, default=2.0,
+                   help="how long a batch waits for more requests")
+    s.add_argument("--queue", type=int, default=1024,
+                   help="requests that may wait; beyond it the server answers 503")
+    s.add_argument("--max-users", type=int, default=1024, help="users per request (413 above)")
+    s.add_argument("--max-k", type=int, default=1000, help="largest k accepted")
+    s.add_argument("--poll-s", type=float, default=5.0,
+                   help="seconds between checks of BUNDLE/CURRENT for a new version (0: off)")
+    s.add_argument("--buckets", default=None, help="batch sizes compiled, e.g. 1,8,32,128")
+    s.add_argument("--fresh-capacity", type=int, default=None,
+                   help="items the fresh index (POST /v1/items) can hold")
+    s.add_argument("--warmup-filter", action="append", default=[],
+                   help="a filter compiled at load time (repeatable)")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=_serve)
+
 
 def _publish(args) -> int:
     from serving._bundle import publish
@@ -105,4 +130,29 @@ def _export(args) -> int:
     path = r.export(args.out, platform=args.platform, batch_sizes=sizes, k=args.k, k0=args.k0,
                     exclude_max=args.exclude_max)
     print(path)
+    return 0
+
+
+def _serve(args) -> int:
+    try:
+        from serving._server import ServerConfig, serve
+    except ModuleNotFoundError as e:
+        print(f"st-jax serve needs {e.name!r}: pip install 'st_jax[serve]' (starlette, "
+              "uvicorn)", file=sys.stderr)
+        return 2
+    kw = {}
+    if args.buckets:
+        try:
+            kw["buckets"] = tuple(int(x) for x in args.buckets.split(","))
+        except ValueError:
+            print(f"--buckets must be comma-separated ints; got {args.buckets!r}",
+                  file=sys.stderr)
+            return 2
+    if args.fresh_capacity is not None:
+        kw["fresh_capacity"] = args.fresh_capacity
+    cfg = ServerConfig(bundle=args.bundle, max_batch=args.max_batch,
+                       max_wait_ms=args.max_wait_ms, queue=args.queue,
+                       max_users=args.max_users, max_k=args.max_k, poll_s=args.poll_s,
+                       retriever_kw=kw, warmup_filters=tuple(args.warmup_filter))
+    serve(cfg, host=args.host, port=args.port, log_level=args.log_level)
     return 0
