@@ -167,7 +167,8 @@ class Retriever(Runner):
             published with.
           **kw: ``buckets`` (batch sizes compiled, default 1, 8, 32, 128), ``nprobe``,
             ``merge`` ("union" | "intersection"), ``rank`` ("overarch" | "retrieval"),
-            ``backend``, ``min_eligible_factor``.
+            ``backend``, ``min_eligible_factor``, ``fresh_capacity`` (items
+            ``add_items`` / ``update_items`` can write before ``serving.compact``).
         Raises:
           BundleError, TamperedError, SkewError (see ``serving``).
         """
