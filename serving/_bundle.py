@@ -148,6 +148,42 @@ def default_num_clusters(n: int) -> int:
     return int(min(16384, 2 ** round(math.log2(math.sqrt(n)))))
 
 
+# ----------------------------------------------------------------------------- writing
+
+def seen_positions(indptr: np.ndarray, seen_ids: np.ndarray, catalogue_ids: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-user seen-item lists (CSR ``indptr i64[U+1]`` over item ids) -> the same lists as
+    positions of ``catalogue_ids`` (``i64[U+1]``, ``i32[nnz']``); ids the catalogue lacks are
+    dropped (they cannot be recommended anyway)."""
+    from serving._host import lookup
+    order = np.argsort(catalogue_ids, kind="stable")
+    j, present = lookup(catalogue_ids[order], seen_ids)
+    owner = np.repeat(np.arange(indptr.size - 1), np.diff(indptr))
+    counts = np.bincount(owner[present], minlength=indptr.size - 1)
+    return (np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            order[j][present].astype(np.int32))
+
+
+def _write_bundle(out_dir: str, arrays: dict, manifest: dict, catalogue: bytes,
+                  on_stage: Callable[[str], None] | None) -> str:
+    """Seals ``manifest`` (array table + content hash) and writes a new bundle version
+    atomically (:func:`serving._store.write_version`); returns its directory."""
+    from st_jax._atomic import write_json_atomic
+    manifest["arrays"] = array_table(arrays)
+    manifest.pop("content_hash", None)
+    manifest["content_hash"] = content_hash(arrays, canonical_json(manifest), catalogue)
+
+    def fill(tmp: str) -> None:
+        if on_stage:
+            on_stage("arrays")
+        save_arrays(os.path.join(tmp, "arrays"), arrays)
+        with open(os.path.join(tmp, "catalogue.json"), "wb") as f:
+            f.write(catalogue)
+        write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
+
+    return write_version(out_dir, fill, on_stage=on_stage)
+
+
 # ----------------------------------------------------------------------------- publish
 
 def publish(model, items: Catalogue | None, out_dir: str, *, num_clusters: int | None = None,
@@ -241,17 +277,10 @@ def publish(model, items: Catalogue | None, out_dir: str, *, num_clusters: int |
         seen = ds.seen("all")
         # seen items as positions of *this* catalogue (items the catalogue lacks are dropped
         # from the exclusion lists: they cannot be recommended anyway)
-        seen_ids = ds.item_ids[seen.indices]
-        j = np.searchsorted(uniq, seen_ids)
-        j = np.minimum(j, uniq.size - 1)
-        present = uniq[j] == seen_ids
-        order = np.argsort(ids, kind="stable")
-        pos = order[j]
-        owner = np.repeat(np.arange(ds.num_users), np.diff(seen.indptr))
-        counts_u = np.bincount(owner[present], minlength=ds.num_users)
+        indptr, items = seen_positions(seen.indptr, ds.item_ids[seen.indices], ids)
         arrays["users/ids"] = np.asarray(ds.user_ids)
-        arrays["users/seen_indptr"] = np.concatenate([[0], np.cumsum(counts_u)]).astype(np.int64)
-        arrays["users/seen_items"] = pos[present].astype(np.int32)
+        arrays["users/seen_indptr"] = indptr
+        arrays["users/seen_items"] = items
         for f, v in ds.user_features.items():
             arrays[f"users/features/{f}"] = np.asarray(v)
         users_meta = {"count": int(ds.num_users), "fields": list(ds.user_features)}
@@ -268,21 +297,10 @@ def publish(model, items: Catalogue | None, out_dir: str, *, num_clusters: int |
                   "nprobe": int(nprobe or 0), "bytes_per_item": index.bytes_per_item()},
         "serving": {"k0": k0, "merge": merge},
         "users": users_meta,
-        "arrays": array_table(arrays),
     }
-    manifest["content_hash"] = content_hash(arrays, canonical_json(manifest), catalogue)
-
-    def fill(tmp: str) -> None:
-        if _on_stage:
-            _on_stage("arrays")
-        save_arrays(os.path.join(tmp, "arrays"), arrays)
-        with open(os.path.join(tmp, "catalogue.json"), "wb") as f:
-            f.write(catalogue)
-        _io.write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
-
     say(f"[publish] writing {sum(a.nbytes for a in arrays.values()) / 2**20:.1f} MiB "
         f"to {out_dir}")
-    path = write_version(out_dir, fill, on_stage=_on_stage)
+    path = _write_bundle(out_dir, arrays, manifest, catalogue, _on_stage)
     say(f"[publish] done in {time.perf_counter() - t0:.1f} s: {path}")
     return path
 
@@ -386,15 +404,8 @@ def compact(retriever, bundle_dir: str | None = None, *,
     new_ids = np.asarray(index.ids) if index.ids is not None else np.arange(index.num_items)
     old_ids = retriever.host.item_ids
     if "users/seen_items" in arrays:                    # positions -> ids -> new positions
-        ip, items = arrays["users/seen_indptr"], arrays["users/seen_items"]
-        ids = old_ids[items]
-        order = np.argsort(new_ids, kind="stable")
-        j = np.minimum(np.searchsorted(new_ids[order], ids), new_ids.size - 1)
-        present = new_ids[order][j] == ids
-        owner = np.repeat(np.arange(ip.size - 1), np.diff(ip))
-        counts = np.bincount(owner[present], minlength=ip.size - 1)
-        arrays["users/seen_indptr"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        arrays["users/seen_items"] = order[j][present].astype(np.int32)
+        arrays["users/seen_indptr"], arrays["users/seen_items"] = seen_positions(
+            arrays["users/seen_indptr"], old_ids[arrays["users/seen_items"]], new_ids)
     titles = None
     if data.titles is not None or st.titles:
         old = {} if data.titles is None else dict(zip(old_ids.tolist(), data.titles))
@@ -409,16 +420,4 @@ def compact(retriever, bundle_dir: str | None = None, *,
         "num_clusters": int(index.ivf.num_clusters) if index.ivf is not None else 0,
         "bytes_per_item": index.bytes_per_item(),
         "compacted_from": os.path.basename(data.path), "updates": int(st.updates)})
-    manifest["arrays"] = array_table(arrays)
-    manifest["content_hash"] = content_hash(arrays, canonical_json(manifest), catalogue)
-
-    def fill(tmp: str) -> None:
-        from st_jax._atomic import write_json_atomic
-        if _on_stage:
-            _on_stage("arrays")
-        save_arrays(os.path.join(tmp, "arrays"), arrays)
-        with open(os.path.join(tmp, "catalogue.json"), "wb") as f:
-            f.write(catalogue)
-        write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
-
-    return write_version(out, fill, on_stage=_on_stage)
+    return _write_bundle(out, arrays, manifest, catalogue, _on_stage)

@@ -53,6 +53,16 @@ class Recommendations:
     tasks: tuple[str, ...]
 
 
+def lookup(sorted_keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(j, found)``: index into ``sorted_keys`` of each id (clipped; meaningful where
+    ``found``) and whether the id is there."""
+    ids = np.asarray(ids).reshape(-1)
+    if not sorted_keys.size:
+        return np.zeros(ids.shape, np.int64), np.zeros(ids.shape, bool)
+    j = np.minimum(np.searchsorted(sorted_keys, ids), sorted_keys.size - 1)
+    return j, sorted_keys[j] == ids
+
+
 def bucket_for(n: int, buckets: Sequence[int]) -> int:
     """Smallest bucket >= n (n <= max(buckets))."""
     for b in sorted(buckets):
@@ -120,20 +130,15 @@ class HostSide:
         ids = np.asarray(item_ids).reshape(-1)
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
             raise RequestError(f"{what} ids must be integers; got dtype {ids.dtype}")
-        j = np.searchsorted(self._sorted_ids, ids)
-        j = np.minimum(j, max(len(self._sorted_ids) - 1, 0))
-        bad = ids[self._sorted_ids[j] != ids] if ids.size else ids
+        j, found = lookup(self._sorted_ids, ids)
+        bad = ids[~found]
         if bad.size:
             raise RequestError(f"unknown {what} ids {bad[:10].tolist()} (not in the catalogue)")
         return self._id_order[j].astype(np.int64)
 
     def known(self, item_ids) -> np.ndarray:
         """bool[n]: which external ids are in the published catalogue."""
-        ids = np.asarray(item_ids).reshape(-1)
-        if not ids.size:
-            return np.zeros(0, bool)
-        j = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
-        return self._sorted_ids[j] == ids
+        return lookup(self._sorted_ids, item_ids)[1]
 
     def title(self, item_id) -> str:
         if item_id < 0:
@@ -147,8 +152,8 @@ class HostSide:
             raise RequestError("this bundle has no user table: pass user features instead "
                                "(publish(..., include_users=True) stores one)")
         ids = np.asarray(user_ids).reshape(-1)
-        j = np.minimum(np.searchsorted(self._sorted_users, ids), len(self._sorted_users) - 1)
-        bad = ids[self._sorted_users[j] != ids]
+        j, found = lookup(self._sorted_users, ids)
+        bad = ids[~found]
         if bad.size:
             raise UnknownUserError(f"unknown user ids {bad[:10].tolist()}")
         return self._user_order[j]

@@ -13,7 +13,7 @@ from flax import nnx
 
 from serving._bundle import BundleData, BundleError, check_model_matches, read_bundle
 from serving._graph import MERGES, RANKS, GraphSpec, retrieval_graph
-from serving._host import DEFAULT_BUCKETS, HostSide, RequestError, check_buckets
+from serving._host import DEFAULT_BUCKETS, HostSide, RequestError, check_buckets, lookup
 from serving._runner import Runner
 from st_jax._filter_lang import DEFAULT_STACK_DEPTH
 from st_jax._persist import index_from_flat
@@ -208,8 +208,7 @@ class Retriever(Runner):
         for e in exclude:       # per user (host side)
             e = np.asarray(e).reshape(-1) if np.size(e) else np.zeros(0, np.int64)
             known = self.host.known(e)
-            j = np.minimum(np.searchsorted(live, e), max(live.size - 1, 0))
-            in_fresh = (live[j] == e) if live.size else np.zeros(e.shape, bool)
+            in_fresh = lookup(live, e)[1]
             bad = e[~known & ~in_fresh]
             if bad.size:
                 raise RequestError(f"unknown excluded ids {bad[:10].tolist()} (not in the "
