@@ -322,10 +322,14 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None,
                             else 0)
     tower_train = ds.train.take(~held)                        # phase 1 trains on these
     oa_positives = ds.train.take(held) if held.any() else ds.train    # phase 2 positives
-    pop = np.bincount(tower_train.item, minlength=ds.num_items).astype(np.float32)
-    log_q = (np.log(np.maximum(pop, 1.0) / max(pop.sum(), 1.0)) if config.tower.logq_correction
-             else np.zeros_like(pop))
-    log_q = jnp.asarray(log_q, jnp.float32)
+
+    def log_q_of(pop: np.ndarray) -> jax.Array:
+        """f32[N] log sampling probability of each item (zeros without log-Q correction)."""
+        if not config.tower.logq_correction:
+            return jnp.zeros(pop.shape, jnp.float32)
+        return jnp.asarray(np.log(np.maximum(pop, 1.0) / max(pop.sum(), 1.0)), jnp.float32)
+
+    log_q = log_q_of(np.bincount(tower_train.item, minlength=ds.num_items).astype(np.float32))
     progress = _Progress(total3, start, config.progress)
     history = []
     try:
@@ -334,6 +338,23 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None,
             step_fn_tt = _two_tower_step_cached(graphs, config.learning_rate,
                                                 config.weight_decay, tuple(float(x) for x in tw),
                                                 config.tower.learn_temperature)
+
+        def after_step(s: int, offset: int, last: int, name: str, loss, per_task,
+                       examples: int) -> None:
+            """Log, progress bar, checkpoint and callback after run step ``s`` (0-based) of
+            a phase spanning steps [offset, last); the state holds the step's parameters."""
+            m = {"phase": name}
+            k = s + 1 - offset
+            if k % config.log_every == 0 or s + 1 == last:
+                m["loss"] = float(loss)
+                m["per_task"] = {t: float(x) for t, x in zip(ds.tasks, per_task)}
+                history.append({"step": s + 1, **m})
+                progress.update(s, config.log_every if k % config.log_every == 0
+                                else k % config.log_every, name, m["loss"], examples)
+            if (s + 1) % config.checkpoint_every == 0 or s + 1 == last:
+                save(s + 1)
+            if callback is not None:
+                callback(s + 1, m)
 
         def tower_phase(first: int, last: int, offset: int, tr, lq, batches, name: str):
             """Two-tower steps [first, last) of the run (batch `s - offset` of `batches`)."""
@@ -344,19 +365,8 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None,
                                                   jnp.asarray(tr.user[idx]),
                                                   jnp.asarray(tr.item[idx]),
                                                   jnp.asarray(tr.labels[idx]))
-                m = {"phase": name}
-                k = s + 1 - offset
-                if k % config.log_every == 0 or s + 1 == last:
-                    m["loss"] = float(loss)
-                    m["per_task"] = {t: float(x) for t, x in zip(ds.tasks, per_task)}
-                    history.append({"step": s + 1, **m})
-                    progress.update(s, config.log_every if k % config.log_every == 0
-                                    else k % config.log_every, name, m["loss"], len(idx))
                 state["tt_params"], state["tt_opt"] = p, o
-                if (s + 1) % config.checkpoint_every == 0 or s + 1 == last:
-                    save(s + 1)
-                if callback is not None:
-                    callback(s + 1, m)
+                after_step(s, offset, last, name, loss, per_task, len(idx))
 
         # ---- phase 1: two towers (without the OverArch holdout)
         if start < s1:
@@ -382,27 +392,12 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None,
                 p, o, loss, per_task = step_fn(p, o, ue, ie, jnp.asarray(users),
                                                jnp.asarray(cands), jnp.asarray(labels),
                                                jnp.asarray(weights))
-                m = {"phase": "overarch"}
-                k = s + 1 - s1
-                if k % config.log_every == 0 or s + 1 == total:
-                    m["loss"] = float(loss)
-                    m["per_task"] = {t: float(x) for t, x in zip(ds.tasks, per_task)}
-                    history.append({"step": s + 1, **m})
-                    progress.update(s, config.log_every if k % config.log_every == 0
-                                    else k % config.log_every, "overarch", m["loss"],
-                                    cands.size)
                 state["oa_params"], state["oa_opt"] = p, o
-                if (s + 1) % config.checkpoint_every == 0 or s + 1 == total:
-                    save(s + 1)
-                if callback is not None:
-                    callback(s + 1, m)
+                after_step(s, s1, total, "overarch", loss, per_task, cands.size)
         # ---- phase 3: towers refreshed on all training interactions, OverArch frozen
         if s3 > 0 and start < total3:
-            pop_all = ds.item_popularity()
-            lq_all = (np.log(np.maximum(pop_all, 1.0) / max(pop_all.sum(), 1.0))
-                      if config.tower.logq_correction else np.zeros_like(pop_all))
             tower_phase(max(start, total), total3, total, ds.train,
-                        jnp.asarray(lq_all, jnp.float32),
+                        log_q_of(ds.item_popularity()),
                         _EpochBatches(len(ds.train), config.batch_size, config.seed, phase=3),
                         "tower_refresh")
     finally:
