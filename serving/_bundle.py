@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from serving._store import (StoreError, TamperedError, array_table, canonical_json,
+from serving import _journal as journal
+from serving._store import (VERSIONS, StoreError, TamperedError, array_table, canonical_json,
                             content_hash, current_version, load_arrays, save_arrays,
                             write_version)
 from st_jax._index import build_index
@@ -181,7 +182,24 @@ def _write_bundle(out_dir: str, arrays: dict, manifest: dict, catalogue: bytes,
             f.write(catalogue)
         write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
 
-    return write_version(out_dir, fill, on_stage=on_stage)
+    path = write_version(out_dir, fill, on_stage=on_stage)
+    _collect_journal(out_dir)
+    return path
+
+
+def _collect_journal(root: str) -> None:
+    """Drops journal segments every kept version has folded in (see ``serving._journal``)."""
+    vdir = os.path.join(root, VERSIONS)
+    seqs = []
+    for name in os.listdir(vdir):
+        if name.startswith("v") and name[1:].isdigit():
+            try:
+                with open(os.path.join(vdir, name, "manifest.json")) as f:
+                    seqs.append(int(json.load(f).get("journal_seq", 0)))
+            except (OSError, ValueError, TypeError):
+                return                                   # unsure: keep everything
+    if seqs:
+        journal.collect(root, min(seqs))
 
 
 # ----------------------------------------------------------------------------- publish
@@ -211,10 +229,16 @@ def publish(model, items: Catalogue | None, out_dir: str, *, num_clusters: int |
       CatalogueError: duplicate / negative ids, features not matching the schema, NaN/Inf item
         embeddings or attribute values of unsupported types — naming the items.
       StoreError: ``out_dir`` exists and is not a bundle.
+
+    Item updates a server acknowledged for a previous version of ``out_dir`` (its journal, see
+    ``serving._journal``) before this call are superseded by this catalogue; to keep them,
+    fold them in with :func:`compact` instead (or include them in ``items``).
     """
     from training import _io
     from training._train import load as load_model
     from serving._graph import MERGES
+
+    journal_seq = journal.end_seq(out_dir)
 
     if isinstance(model, (str, os.PathLike)):
         model = load_model(os.fspath(model))
@@ -297,6 +321,8 @@ def publish(model, items: Catalogue | None, out_dir: str, *, num_clusters: int |
                   "nprobe": int(nprobe or 0), "bytes_per_item": index.bytes_per_item()},
         "serving": {"k0": k0, "merge": merge},
         "users": users_meta,
+        # a publish supersedes the item updates acknowledged before it started
+        "journal_seq": journal_seq,
     }
     say(f"[publish] writing {sum(a.nbytes for a in arrays.values()) / 2**20:.1f} MiB "
         f"to {out_dir}")
@@ -420,4 +446,6 @@ def compact(retriever, bundle_dir: str | None = None, *,
         "num_clusters": int(index.ivf.num_clusters) if index.ivf is not None else 0,
         "bytes_per_item": index.bytes_per_item(),
         "compacted_from": os.path.basename(data.path), "updates": int(st.updates)})
+    # folded: the journal through the last update of this snapshot (later ones are replayed)
+    manifest["journal_seq"] = int(st.seq)
     return _write_bundle(out, arrays, manifest, catalogue, _on_stage)

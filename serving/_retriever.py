@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import threading
 from collections.abc import Sequence
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from serving import _journal as journal
 from serving._bundle import BundleData, BundleError, check_model_matches, read_bundle
 from serving._graph import MERGES, RANKS, GraphSpec, retrieval_graph
 from serving._host import DEFAULT_BUCKETS, HostSide, RequestError, check_buckets, lookup
@@ -55,7 +57,8 @@ def _restore(template, flat: dict, key_fn):
 class _State:
     """What queries read (swapped as one reference): graph spec and jitted function, weights
     (model, main index, fresh store), the main index and fresh index, titles of fresh items,
-    and the number of updates applied since loading."""
+    the number of updates applied since loading (journal replay included) and the journal
+    sequence number of the last update applied (the version's ``journal_seq`` if none)."""
 
     spec: GraphSpec
     fn: object
@@ -64,6 +67,7 @@ class _State:
     fresh: object
     titles: dict
     updates: int
+    seq: int
 
 
 def _item_apply(graph, params, features):
@@ -83,7 +87,7 @@ class Retriever(Runner):
     def __init__(self, data: BundleData, *, buckets: Sequence[int] = DEFAULT_BUCKETS,
                  nprobe: int | None = None, merge: str | None = None, rank: str = "overarch",
                  backend: str = "auto", min_eligible_factor: float = 16.0,
-                 fresh_capacity: int = 4096):
+                 fresh_capacity: int = 4096, durable: bool = False):
         from training import _io
         from training._config import TrainConfig
         from training._models import TwoTower, make_overarch
@@ -155,7 +159,13 @@ class Retriever(Runner):
         self._item_fn = jax.jit(functools.partial(_item_apply, graphs.item_tower))
         self._item_params = params["item_tower"]
         self._lock = threading.Lock()
-        self._state = _State(self.spec, self._fn, self.weights, index, None, {}, 0)
+        self.root = os.path.dirname(os.path.dirname(os.path.abspath(data.path)))
+        self.durable = bool(durable)
+        self.journal_seq = int(m.get("journal_seq", 0))
+        self._state = _State(self.spec, self._fn, self.weights, index, None, {}, 0,
+                             self.journal_seq)
+        self.replayed = 0
+        self.catch_up()
 
     @classmethod
     def load(cls, bundle_dir: str, *, model=None, **kw) -> "Retriever":
@@ -168,7 +178,10 @@ class Retriever(Runner):
           **kw: ``buckets`` (batch sizes compiled, default 1, 8, 32, 128), ``nprobe``,
             ``merge`` ("union" | "intersection"), ``rank`` ("overarch" | "retrieval"),
             ``backend``, ``min_eligible_factor``, ``fresh_capacity`` (items
-            ``add_items`` / ``update_items`` can write before ``serving.compact``).
+            ``add_items`` / ``update_items`` can write before ``serving.compact``),
+            ``durable`` (journal every item update in the bundle before applying it, so
+            it survives a restart; ``st-jax serve`` does). Updates journaled for this
+            version (by a durable retriever, e.g. a server) are always replayed on load.
         Raises:
           BundleError, TamperedError, SkewError (see ``serving``).
         """
@@ -185,7 +198,7 @@ class Retriever(Runner):
         base = {"buckets": self.buckets, "nprobe": self.spec.nprobe or None,
                 "merge": self.spec.merge, "rank": self.spec.rank, "backend": self.spec.backend,
                 "min_eligible_factor": self.spec.min_eligible_factor,
-                "fresh_capacity": self.fresh_capacity}
+                "fresh_capacity": self.fresh_capacity, "durable": self.durable}
         return Retriever(self.data, **{**base, **kw})
 
     def _graph(self, snap, bucket: int, k: int, k0: int, inputs: dict) -> dict:
@@ -240,12 +253,15 @@ class Retriever(Runner):
         return out
 
     def fresh_stats(self) -> dict:
-        """``{"capacity", "used" (slots written), "live" (fresh items), "updates"}``."""
+        """``{"capacity", "used" (slots written), "live" (fresh items), "updates" (applied
+        since loading, journal replay included), "replayed" (of those, from the journal),
+        "journal_seq" (last journaled update applied), "durable"}``."""
         st = self._state
         return {"capacity": self.fresh_capacity,
                 "used": 0 if st.fresh is None else st.fresh.num_used,
                 "live": 0 if st.fresh is None else st.fresh.num_live,
-                "updates": st.updates}
+                "updates": st.updates, "replayed": self.replayed,
+                "journal_seq": st.seq, "durable": self.durable}
 
     def _embed(self, ids, features) -> np.ndarray:
         try:
@@ -262,10 +278,33 @@ class Retriever(Runner):
                                f"{np.asarray(ids).reshape(-1)[bad[:10]].tolist()}")
         return emb
 
-    def _apply(self, op) -> None:
-        """Runs ``op(main, fresh) -> (main, fresh)`` under the writer lock and publishes the
-        new state with one reference swap (queries see the old or the new state, never half)."""
+    @staticmethod
+    def _op(record: dict):
+        """A journal record -> ``(op(main, fresh) -> (main, fresh), {id: title})``."""
+        from st_jax import fresh as fr
+        ids = np.asarray(record["ids"], np.int64)
+        emb = record.get("embeddings")
+        emb = None if emb is None else journal.unpack_embeddings(emb)
+        attrs = record.get("attributes")
+        kind = record["op"]
+        if kind == "add":
+            titles = record.get("titles")
+            return (lambda m, f: (m, fr.add(m, f, ids, emb, attrs))), (
+                {} if titles is None else {int(i): str(t) for i, t in zip(ids, titles)})
+        if kind == "update":
+            return (lambda m, f: fr.update(m, f, ids, embeddings=emb, attributes=attrs)), {}
+        if kind == "delete":
+            return (lambda m, f: fr.delete(m, f, ids)), {}
+        raise journal.JournalError(f"unknown journal operation {kind!r}")
+
+    def _apply(self, record: dict, *, journaled_seq: int | None = None) -> None:
+        """Applies one update under the writer lock: computes the new indexes (bad input
+        raises here, nothing changes), journals the record if ``durable`` (fsynced: the update
+        is acknowledged only once it is on disk), then publishes the new state with one
+        reference swap — queries see the old or the new state, never half of it.
+        ``journaled_seq``: the record comes from the journal (replay), with this seq."""
         from st_jax import _fresh as fr
+        op, titles = self._op(record)
         with self._lock:
             st = self._state
             main, fresh = st.main, st.fresh
@@ -280,39 +319,68 @@ class Retriever(Runner):
                 fn = jax.jit(functools.partial(retrieval_graph, spec),
                              static_argnames=("k", "k0"))
             main, fresh = op(main, fresh)
+            seq = st.seq
+            if journaled_seq is not None:
+                seq = journaled_seq
+            elif self.durable:
+                seq = journal.writer(self.root).append(record)
             weights = {k: v for k, v in st.weights.items() if k.startswith("model/")}
             weights.update(flat_weights(main, "index/", _dot_key)[0])
             weights.update(flat_weights(fresh.store, "fresh/", _dot_key)[0])
-            self._state = _State(spec, fn, weights, main, fresh, st.titles, st.updates + 1)
+            self._state = _State(spec, fn, weights, main, fresh, {**st.titles, **titles},
+                                 st.updates + 1, seq)
+
+    def catch_up(self) -> int:
+        """Applies the journal's updates this retriever has not seen (made by a durable
+        retriever of the same bundle, in this or another process); returns how many.
+        Loading does this; the server does it again right before a hot swap.
+
+        Raises:
+          JournalError: a corrupt journal, or an update that cannot be replayed (e.g. the
+            fresh index is full: load with a larger ``fresh_capacity``, or compact).
+        """
+        n = 0
+        for rec in journal.read_records(self.root, after=self._state.seq):
+            try:
+                self._apply(rec, journaled_seq=rec["seq"])
+            except Exception as e:  # noqa: BLE001 - re-raised with the record named
+                raise journal.JournalError(
+                    f"cannot replay journaled item update {rec['seq']} ({rec.get('op')} of "
+                    f"{len(rec.get('ids', []))} items) on {self.path}: {type(e).__name__}: {e}"
+                    " (a larger fresh_capacity may be needed; serving.compact folds the "
+                    "journal into a new version)") from e
+            n += 1
+            self.replayed += 1
+        return n
 
     def add_items(self, ids, features, attributes=None, titles=None) -> dict:
         """Adds new items (ids not live anywhere), embedded by the bundle's item tower; visible
         to the next query. Raises RequestError (bad input), DuplicateIdError, IndexFullError
         (compact / republish, or load with a larger ``fresh_capacity``)."""
-        from st_jax import fresh as fr
         ids = np.asarray(ids).reshape(-1)
         emb = self._embed(ids, features)
         if titles is not None and len(titles) != ids.size:
             raise RequestError(f"{len(titles)} titles for {ids.size} items")
-        self._apply(lambda m, f: (m, fr.add(m, f, ids, emb, attributes)))
-        if titles is not None:
-            self._state.titles.update({int(i): str(t) for i, t in zip(ids, titles)})
+        self._apply({"op": "add", "ids": ids.tolist(),
+                     "embeddings": journal.pack_embeddings(emb),
+                     "attributes": journal.plain_attributes(attributes),
+                     "titles": None if titles is None else [str(t) for t in titles]})
         return {"added": ids.tolist(), **self.fresh_stats()}
 
     def update_items(self, ids, features=None, attributes=None) -> dict:
         """Re-embeds (``features``) and/or re-tags (``attributes``: the named fields only)
         items of the bundle or the fresh index; visible to the next query."""
-        from st_jax import fresh as fr
         ids = np.asarray(ids).reshape(-1)
         emb = None if features is None else self._embed(ids, features)
-        self._apply(lambda m, f: fr.update(m, f, ids, embeddings=emb, attributes=attributes))
+        self._apply({"op": "update", "ids": ids.tolist(),
+                     "embeddings": None if emb is None else journal.pack_embeddings(emb),
+                     "attributes": journal.plain_attributes(attributes)})
         return {"updated": ids.tolist(), **self.fresh_stats()}
 
     def delete_items(self, ids) -> dict:
         """Tombstones items (bundle or fresh); they are never returned from the next query on."""
-        from st_jax import fresh as fr
         ids = np.asarray(ids).reshape(-1)
-        self._apply(lambda m, f: fr.delete(m, f, ids))
+        self._apply({"op": "delete", "ids": ids.tolist()})
         return {"deleted": ids.tolist(), **self.fresh_stats()}
 
     def title(self, item_id: int) -> str:

@@ -23,6 +23,9 @@ Endpoints (all JSON; errors are ``{"error": message}`` with a 4xx/5xx status):
 ``POST /v1/admin/reload``
     Loads the version ``BUNDLE/CURRENT`` names (``{"force": true}``: even if it is the one
     served), warms it up and swaps it in; in-flight batches finish on the old version.
+``POST /v1/admin/compact``
+    Folds the item updates into a new bundle version and swaps to it; responds with the
+    reload report plus ``"compacted"`` (the version) and ``"compaction_s"``.
 ``GET /healthz``, ``GET /metrics``
     200 + bundle version (503 while the first version loads); Prometheus text format.
 
@@ -33,9 +36,17 @@ each request's results are cut to its own). A full queue answers 503.
 
 Hot swap: ``BUNDLE/CURRENT`` is polled every ``poll_s`` seconds (and ``/v1/admin/reload``);
 the new version is loaded and warmed in a background thread, then the served reference is
-replaced in one assignment. Items added/updated/deleted through ``/v1/items`` live in the
-served retriever's fresh index: a reload serves the new bundle as published, so those
-updates are discarded — the reload response and the log say how many.
+replaced in one assignment.
+
+Item updates (``/v1/items``) live in the served retriever's fresh index and, by default
+(``durable``), in the bundle's journal (:mod:`serving._journal`): each is fsynced before it
+is applied and acknowledged. A restart replays them; a reload replays those the new version
+has not folded in, including the ones acknowledged while it loaded (caught up under the
+items lock right before the swap). ``POST /v1/admin/compact`` folds them into a new version
+(``serving.compact``, atomic) and swaps to it; a crash at any point leaves the previous
+version, and the journal, to the next start. A version published from a catalogue
+(``serving.publish``) supersedes the updates acknowledged before it started; the reload
+response and the log say how many.
 """
 from __future__ import annotations
 
@@ -88,6 +99,9 @@ class ServerConfig:
       poll_s: seconds between checks of ``BUNDLE/CURRENT`` (0: only ``/v1/admin/reload``).
       retriever_kw: passed to ``serving.Retriever.load`` (``buckets``, ``fresh_capacity``...).
       warmup_filters: filters compiled during warm-up (besides no filter).
+      durable: journal every ``/v1/items`` update in the bundle (fsynced) before it is
+        applied and acknowledged, so restarts and reloads keep it (``serving._journal``);
+        False keeps updates in memory only (a restart or reload loses them).
     """
 
     bundle: str
@@ -99,6 +113,7 @@ class ServerConfig:
     poll_s: float = 5.0
     retriever_kw: Mapping = dataclasses.field(default_factory=dict)
     warmup_filters: tuple[str, ...] = ()
+    durable: bool = True
 
 
 class HTTPError(Exception):
@@ -527,11 +542,27 @@ class _Live:
     version: str
 
 
-def _default_loader(retriever_kw: Mapping) -> Callable[[str], Any]:
+def _default_loader(config: ServerConfig) -> Callable[[str], Any]:
     def load(bundle: str):
         from serving._retriever import Retriever
-        return Retriever.load(bundle, **dict(retriever_kw))
+        return Retriever.load(bundle, **{"durable": config.durable, **config.retriever_kw})
     return load
+
+
+def _swap_report(old, new) -> dict:
+    """What a swap from retriever ``old`` to ``new`` does to the item updates ``old`` served."""
+    if old is None or not hasattr(old, "fresh_stats"):
+        return {}
+    st = old.fresh_stats()
+    out = {}
+    if not st.get("durable", False):
+        out["item_updates_discarded"] = int(st.get("updates", 0) - st.get("replayed", 0))
+    base, seq = getattr(old, "journal_seq", 0), getattr(new, "journal_seq", 0)
+    if seq > base:
+        compacted = bool(getattr(new, "data", None) and
+                         new.data.manifest["index"].get("compacted_from"))
+        out["item_updates_folded" if compacted else "item_updates_superseded"] = seq - base
+    return out
 
 
 class Server:
@@ -545,13 +576,14 @@ class Server:
 
     def __init__(self, config: ServerConfig, loader: Callable[[str], Any] | None = None):
         self.config = config
-        self.loader = loader or _default_loader(config.retriever_kw)
+        self.loader = loader or _default_loader(config)
         self.metrics = Metrics(config.max_batch)
         self._live: _Live | None = None
         self._load_error: str | None = None
         self._reloading = False
         self._reload_lock: asyncio.Lock | None = None
         self._items_lock: asyncio.Lock | None = None
+        self._compact_lock: asyncio.Lock | None = None
         self._batch_pool = ThreadPoolExecutor(1, thread_name_prefix="st-batch")
         self._items_pool = ThreadPoolExecutor(1, thread_name_prefix="st-items")
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="st-load")
@@ -563,6 +595,8 @@ class Server:
             Route("/v1/recommend", self._endpoint("recommend", self.recommend), methods=["POST"]),
             Route("/v1/items", self._endpoint("items", self.items), methods=["POST"]),
             Route("/v1/admin/reload", self._endpoint("reload", self.reload), methods=["POST"]),
+            Route("/v1/admin/compact", self._endpoint("compact", self.compact),
+                  methods=["POST"]),
             Route("/healthz", self._endpoint("healthz", self.healthz), methods=["GET"]),
             Route("/metrics", self._endpoint("metrics", self.metrics_text), methods=["GET"]),
         ], lifespan=self._lifespan)
@@ -572,6 +606,7 @@ class Server:
     async def _lifespan(self, app):
         self._reload_lock = asyncio.Lock()
         self._items_lock = asyncio.Lock()
+        self._compact_lock = asyncio.Lock()
         self.batcher.start()
         self._tasks = [asyncio.create_task(self._initial_load(), name="initial-load")]
         if self.config.poll_s > 0:
@@ -634,8 +669,9 @@ class Server:
             except Exception:  # noqa: BLE001 - keep polling
                 log.exception("polling %s failed", self.config.bundle)
 
-    async def do_reload(self, force: bool) -> dict:
-        """Loads + warms what ``CURRENT`` names and swaps it in; returns a report."""
+    async def do_reload(self, force: bool, items_held: bool = False) -> dict:
+        """Loads + warms what ``CURRENT`` names and swaps it in; returns a report.
+        ``items_held``: the caller holds the items lock (no update may run until the swap)."""
         async with self._reload_lock:
             old = self._live
             on_disk = read_current(self.config.bundle)
@@ -656,21 +692,64 @@ class Server:
                                 f"{type(e).__name__}: {e}") from None
             finally:
                 self._reloading = False
-            async with self._items_lock:              # no item update straddles the swap
-                discarded = 0
-                if old is not None and hasattr(old.retriever, "fresh_stats"):
-                    with contextlib.suppress(Exception):
-                        discarded = int(old.retriever.fresh_stats().get("updates", 0))
+            async with (contextlib.nullcontext() if items_held else self._items_lock):
+                # no item update straddles the swap
+                try:                                  # updates journaled while it loaded
+                    caught = await asyncio.get_running_loop().run_in_executor(
+                        self._items_pool, getattr(new.retriever, "catch_up", lambda: 0))
+                except Exception as e:
+                    self.metrics.reload("failed")
+                    log.exception("replaying the journal onto %s failed; still serving %s",
+                                  new.version, old.version if old else None)
+                    raise HTTPError(500, f"reload failed, still serving "
+                                         f"{old.version if old else 'nothing'}: "
+                                         f"{type(e).__name__}: {e}") from None
+                report = _swap_report(old.retriever if old else None, new.retriever)
                 self._live = new
                 self._load_error = None
             self.metrics.reload("ok")
-            if discarded:
-                log.warning("reload to %s discarded %d item updates applied to %s through "
-                            "/v1/items (republish the bundle with them to keep them)",
-                            new.version, discarded, old.version)
+            if report.get("item_updates_discarded"):
+                log.warning("reload to %s discarded %d in-memory item updates (the server "
+                            "runs with durable=False)", new.version,
+                            report["item_updates_discarded"])
+            if report.get("item_updates_superseded"):
+                log.warning("version %s was published from a catalogue: it supersedes %d "
+                            "journaled item updates made before the publish",
+                            new.version, report["item_updates_superseded"])
             return {"reloaded": True, "bundle_version": new.version,
                     "previous_version": old.version if old else None,
-                    "item_updates_discarded": discarded}
+                    "item_updates_replayed": int(getattr(new.retriever, "replayed", 0)),
+                    "item_updates_caught_up": int(caught or 0), **report}
+
+    async def compact(self, request: Request, t0: float):
+        """Folds the served fresh index (item updates) into a new bundle version, then swaps
+        to it. Updates keep flowing while it runs (durable: they are journaled and replayed
+        on the new version; not durable: they wait until the swap)."""
+        from serving._bundle import compact as compact_bundle
+        live = self._require_live()
+        if not hasattr(live.retriever, "add_items"):
+            raise HTTPError(501, "this retriever has no item-update API")
+        if self._compact_lock.locked():
+            raise HTTPError(409, "a compaction is already running")
+        async with self._compact_lock:
+            loop = asyncio.get_running_loop()
+            hold = None if self.config.durable else self._items_lock
+            async with (hold or contextlib.nullcontext()):
+                t = time.perf_counter()
+                try:
+                    path = await loop.run_in_executor(self._load_pool, compact_bundle,
+                                                      live.retriever)
+                except Exception as e:
+                    log.exception("compaction of %s failed; still serving %s",
+                                  self.config.bundle, live.version)
+                    raise HTTPError(500, f"compaction failed, still serving {live.version}: "
+                                         f"{type(e).__name__}: {e}") from None
+                written = time.perf_counter() - t
+                rep = await self.do_reload(force=False, items_held=hold is not None)
+            return JSONResponse({**rep, "compacted": os.path.basename(path),
+                                 "compaction_s": round(written, 3),
+                                 "took_ms": round((time.perf_counter() - t0) * 1e3, 3)})
+
 
     # --- plumbing -----------------------------------------------------------------------------
     def _endpoint(self, name: str, handler):
@@ -691,6 +770,7 @@ class Server:
 
     @staticmethod
     def _map_error(e: Exception) -> tuple[int, dict]:
+        from serving._journal import JournalError
         from st_jax._fresh import DuplicateIdError, IndexFullError, UnknownIdError
         if isinstance(e, FilterError):
             return 400, {"error": f"bad filter: {e}", "column": e.column, "field": e.field}
@@ -707,6 +787,8 @@ class Server:
                                   "the new items, or load with a larger fresh_capacity)"}
         if isinstance(e, RequestError):
             return 400, {"error": str(e)}
+        if isinstance(e, JournalError):
+            return 503, {"error": f"the update journal is unavailable, nothing was applied: {e}"}
         return 500, {"error": f"internal error ({type(e).__name__}: {e}); the server keeps "
                               "running, see its log"}
 

@@ -26,6 +26,7 @@ from st_jax._atomic import write_json_atomic
 
 CURRENT = "CURRENT"
 VERSIONS = "versions"
+JOURNAL = "journal"      # item updates since the live version (serving._journal)
 KEEP_VERSIONS = 2
 
 
@@ -85,7 +86,7 @@ def write_version(root: str, fill: Callable[[str], None],
     os.makedirs(root, exist_ok=True)
     vdir = os.path.join(root, VERSIONS)
     entries = set(os.listdir(root))
-    if entries - {CURRENT, VERSIONS}:
+    if entries - {CURRENT, VERSIONS, JOURNAL}:
         raise StoreError(f"{root!r} exists and is not a bundle/export directory "
                          f"(it holds {sorted(entries)[:5]}); choose an empty or new path")
     os.makedirs(vdir, exist_ok=True)

@@ -4,6 +4,7 @@
     st-jax query bundles/ml100k --user 42 --filter 'genres:Comedy AND NOT year:1995' --k 10
     st-jax export bundles/ml100k --platform cpu --out exports/ml100k-cpu [--k 100]
     st-jax serve bundles/ml100k --port 8080 [--host 127.0.0.1 --max-batch 128 --queue 1024]
+    st-jax compact bundles/ml100k       # fold journaled item updates into a new version
 """
 from __future__ import annotations
 
@@ -77,8 +78,21 @@ def register(subparsers) -> None:
                    help="items the fresh index (POST /v1/items) can hold")
     s.add_argument("--warmup-filter", action="append", default=[],
                    help="a filter compiled at load time (repeatable)")
+    s.add_argument("--no-durable", dest="durable", action="store_false",
+                   help="keep /v1/items updates in memory only (default: journal them in "
+                        "the bundle so restarts keep them)")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=_serve)
+
+    c = subparsers.add_parser("compact", help="fold a bundle's journaled item updates into a "
+                              "new version", description="Loads the live version, replays "
+                              "the item updates journaled by a server (POST /v1/items), and "
+                              "writes them into a new version atomically; a running server "
+                              "hot-swaps to it (polling) and replays later updates.")
+    c.add_argument("bundle")
+    c.add_argument("--fresh-capacity", type=int, default=4096,
+                   help="fresh-index capacity needed to replay the journal")
+    c.set_defaults(func=_compact)
 
 
 def _publish(args) -> int:
@@ -153,6 +167,20 @@ def _serve(args) -> int:
     cfg = ServerConfig(bundle=args.bundle, max_batch=args.max_batch,
                        max_wait_ms=args.max_wait_ms, queue=args.queue,
                        max_users=args.max_users, max_k=args.max_k, poll_s=args.poll_s,
-                       retriever_kw=kw, warmup_filters=tuple(args.warmup_filter))
+                       retriever_kw=kw, warmup_filters=tuple(args.warmup_filter),
+                       durable=args.durable)
     serve(cfg, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _compact(args) -> int:
+    from serving._bundle import compact
+    from serving._retriever import Retriever
+    t = time.perf_counter()
+    r = Retriever.load(args.bundle, fresh_capacity=args.fresh_capacity, buckets=(1,))
+    st = r.fresh_stats()
+    path = compact(r)
+    print(json.dumps({"version": path, "updates_folded": st["updates"],
+                      "journal_seq": st["journal_seq"], "fresh_live": st["live"],
+                      "seconds": round(time.perf_counter() - t, 3)}))
     return 0

@@ -2,6 +2,7 @@
 real HTTP on loopback (uvicorn in a background thread, httpx clients)."""
 import asyncio
 import re
+import shutil
 import threading
 import time
 
@@ -367,10 +368,12 @@ def test_polling_current_and_failed_reloads(tmp_path, flat_retriever):
 
 @pytest.mark.skipif(not HAS_ITEM_API, reason="serving.Retriever has no item-update API "
                     "(add_items / update_items / delete_items / fresh_stats) yet")
-def test_item_updates_while_querying(flat_bundle, tiny_model):
+def test_item_updates_while_querying(tmp_path, flat_bundle, tiny_model):
     ds = tiny_model.dataset
     cat = serving.Catalogue.from_dataset(ds)
-    st = _server(flat_bundle, buckets=(8,))
+    bundle = str(tmp_path / "bundle")            # updates are journaled in the bundle
+    shutil.copytree(flat_bundle, bundle)
+    st = _server(bundle, buckets=(8,))
     stop = threading.Event()
     failures = []
 
