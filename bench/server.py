@@ -9,6 +9,12 @@ filter — at 1, 8 and 64 concurrent clients, each level bounded by a request co
 limit. Client latency includes HTTP and JSON on both sides; clients and server share the
 machine's cores. Server-side latency and users per retriever call come from /metrics.
 
+Then item updates (`POST /v1/items`, one client, journaled and fsynced as the server does by
+default): adds of 1 and of 64 new items per request and attribute updates of 16 items per
+request — items/s and request latency — and finally `POST /v1/admin/compact`, which folds
+all of them into a new bundle version and hot-swaps to it (time to write the version, and
+in all, with the new version's load and warm-up).
+
     python bench/server.py                                   # 10k items, 1 / 8 / 64 clients
     python bench/server.py --items 100000 --requests 4000 --seconds 30
 Writes bench/results/server_<platform>.json.
@@ -128,6 +134,56 @@ async def _level(url: str, bodies: list[dict], clients: int, seconds: float) -> 
             "retriever_call_mean_ms": batch_s / max(calls, 1) * 1e3}
 
 
+async def _updates(url: str, bodies: list[dict], seconds: float, warmup: int = 2) -> dict:
+    """One client sends ``bodies`` to /v1/items one after another: the first ``warmup`` ones
+    untimed (they compile the update kernels for these sizes; the first one's latency is
+    reported as ``first_ms``), the rest timed, bounded by ``seconds``."""
+    host, port = url.split("//")[1].split(":")
+    conn = _Conn(host, int(port))
+    lat, items, codes = [], 0, {}
+    try:
+        t = time.perf_counter()
+        for body in bodies[:warmup]:
+            status, _ = await conn.post("/v1/items", body)
+            codes[status] = codes.get(status, 0) + 1
+        first_ms = (time.perf_counter() - t) * 1e3 / max(min(warmup, len(bodies)), 1)
+        deadline = time.perf_counter() + seconds
+        t0 = time.perf_counter()
+        for body in bodies[warmup:]:
+            if time.perf_counter() > deadline:
+                break
+            t = time.perf_counter()
+            status, _ = await conn.post("/v1/items", body)
+            lat.append(time.perf_counter() - t)
+            codes[status] = codes.get(status, 0) + 1
+            items += len(body.get("add", [])) + len(body.get("update", []))
+        wall = time.perf_counter() - t0
+    finally:
+        conn.close()
+    ms = np.asarray(lat) * 1e3
+    return {"requests": len(lat), "items": items, "seconds": wall, "items_per_s": items / wall,
+            "requests_per_s": len(lat) / wall, "warmup_mean_ms": first_ms,
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "status_codes": {str(k): v for k, v in sorted(codes.items())},
+            "errors": sum(v for k, v in codes.items() if k != 200)}
+
+
+def _item_bodies(ds, start_id: int, batch: int, count: int, rng) -> list[dict]:
+    """``count`` add requests of ``batch`` new items each (features and attributes copied from
+    random catalogue items, ids from ``start_id``)."""
+    cat = serving.Catalogue.from_dataset(ds)
+    feats = {f: np.asarray(v) for f, v in cat.features.items()}
+    out, nid = [], start_id
+    for _ in range(count):
+        rows = rng.integers(0, len(cat.ids), batch)
+        out.append({"add": [{"id": nid + j,
+                             "features": {f: v[r].tolist() for f, v in feats.items()},
+                             "attributes": {f: v[r] for f, v in cat.attributes.items()}}
+                            for j, r in enumerate(rows.tolist())]})
+        nid += batch
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,6 +197,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--buckets", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument("--update-requests", type=int, default=200,
+                    help="requests per update phase (upper bound)")
+    ap.add_argument("--fresh-capacity", type=int, default=16384)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -149,7 +208,7 @@ def main(argv=None) -> dict:
     genres = [g for gs in ds.item_attributes()["genres"] for g in gs]
     g10 = min(set(genres), key=lambda g: abs(genres.count(g) / args.items - 0.10))
     rng = np.random.default_rng(0)
-    levels = []
+    levels, updates, compaction = [], {}, None
     with tempfile.TemporaryDirectory() as d:
         bundle = os.path.join(d, "b")
         t = time.perf_counter()
@@ -162,7 +221,7 @@ def main(argv=None) -> dict:
                "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
                "--queue", "4096", "--poll-s", "0", "--log-level", "warning",
                "--buckets", ",".join(map(str, args.buckets)), "--warmup-filter",
-               f"genres:{g10}"]
+               f"genres:{g10}", "--fresh-capacity", str(args.fresh_capacity)]
         url = f"http://127.0.0.1:{port}"
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=str(Path(__file__).resolve().parents[1]))
@@ -185,6 +244,33 @@ def main(argv=None) -> dict:
                       f"{row['server_mean_ms']:6.1f} ms  call "
                       f"{row['retriever_call_mean_ms']:5.1f} ms  "
                       f"errors {row['errors']}", flush=True)
+            n = args.update_requests
+            phases = {"add_1": _item_bodies(ds, 10**9, 1, n, rng),
+                      "add_64": _item_bodies(ds, 2 * 10**9, 64, max(n // 4, 4), rng)}
+            tags = sorted(set(genres))
+            phases["update_attributes_16"] = [
+                {"update": [{"id": int(i), "attributes": {"genres": [str(rng.choice(tags))]}}
+                            for i in rng.choice(ds.item_ids, 16, replace=False)]}
+                for _ in range(n)]
+            for name, bodies in phases.items():
+                row = asyncio.run(_updates(url, bodies, args.seconds))
+                updates[name] = row
+                print(f"{name:<22} {row['requests']:>4} requests  {row['items_per_s']:8.1f} "
+                      f"items/s  p50 {row['p50_ms']:6.1f} ms  p99 {row['p99_ms']:6.1f} ms  "
+                      f"(warm-up {row['warmup_mean_ms']:6.1f} ms)  "
+                      f"errors {row['errors']}", flush=True)
+            fresh = httpx.get(url + "/healthz", timeout=30).json()
+            t = time.perf_counter()
+            r = httpx.post(url + "/v1/admin/compact", timeout=1800)
+            r.raise_for_status()
+            rep = r.json()
+            compaction = {"seconds_total": time.perf_counter() - t,
+                          "seconds_write_version": rep["compaction_s"],
+                          "updates_folded": rep.get("item_updates_folded"),
+                          "fresh_before": fresh.get("fresh"), "version": rep["bundle_version"]}
+            print(f"compaction: {compaction['updates_folded']} journaled updates folded, "
+                  f"version written in {rep['compaction_s']:.2f} s, swapped in after "
+                  f"{compaction['seconds_total']:.2f} s (load + warm-up)", flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -192,7 +278,8 @@ def main(argv=None) -> dict:
     payload = {"benchmark": "server", "machine": machine_info(),
                "params": {k: v for k, v in vars(args).items() if k != "out"},
                "filter": f"genres:{g10} on half the requests",
-               "publish_seconds": t_pub, "load_warm_seconds": t_load, "levels": levels}
+               "publish_seconds": t_pub, "load_warm_seconds": t_load, "levels": levels,
+               "updates": updates, "compaction": compaction}
     write_json(out, payload)
     print(f"wrote {out}")
     return payload

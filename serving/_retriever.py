@@ -303,32 +303,46 @@ class Retriever(Runner):
         is acknowledged only once it is on disk), then publishes the new state with one
         reference swap — queries see the old or the new state, never half of it.
         ``journaled_seq``: the record comes from the journal (replay), with this seq."""
-        from st_jax import _fresh as fr
         op, titles = self._op(record)
         with self._lock:
-            st = self._state
-            main, fresh = st.main, st.fresh
-            spec, fn = st.spec, st.fn
-            if fresh is None:                                  # first update: enable
-                main = fr._with_live(main)
-                fresh = fr.create_fresh(main, self.fresh_capacity)
-                wi, itree, ikeys = flat_weights(main, "index/", _dot_key)
-                wf, ftree, fkeys = flat_weights(fresh.store, "fresh/", _dot_key)
-                spec = dataclasses.replace(self.spec, index_treedef=itree, index_keys=ikeys,
-                                           fresh_treedef=ftree, fresh_keys=fkeys)
-                fn = jax.jit(functools.partial(retrieval_graph, spec),
-                             static_argnames=("k", "k0"))
-            main, fresh = op(main, fresh)
+            st = self._with_fresh(self._state)
+            main, fresh = op(st.main, st.fresh)
             seq = st.seq
             if journaled_seq is not None:
                 seq = journaled_seq
             elif self.durable:
                 seq = journal.writer(self.root).append(record)
-            weights = {k: v for k, v in st.weights.items() if k.startswith("model/")}
-            weights.update(flat_weights(main, "index/", _dot_key)[0])
-            weights.update(flat_weights(fresh.store, "fresh/", _dot_key)[0])
-            self._state = _State(spec, fn, weights, main, fresh, {**st.titles, **titles},
-                                 st.updates + 1, seq)
+            self._state = self._state_of(st, main, fresh, {**st.titles, **titles},
+                                         st.updates + 1, seq)
+
+    @staticmethod
+    def _state_of(st: _State, main, fresh, titles: dict, updates: int, seq: int) -> _State:
+        weights = {k: v for k, v in st.weights.items() if k.startswith("model/")}
+        weights.update(flat_weights(main, "index/", _dot_key)[0])
+        weights.update(flat_weights(fresh.store, "fresh/", _dot_key)[0])
+        return _State(st.spec, st.fn, weights, main, fresh, titles, updates, seq)
+
+    def _with_fresh(self, st: _State) -> _State:
+        """``st`` with an (empty) fresh index and the graph that merges it, if it has none."""
+        from st_jax import _fresh as fr
+        if st.fresh is not None:
+            return st
+        main = fr._with_live(st.main)
+        fresh = fr.create_fresh(main, self.fresh_capacity)
+        _, itree, ikeys = flat_weights(main, "index/", _dot_key)
+        _, ftree, fkeys = flat_weights(fresh.store, "fresh/", _dot_key)
+        spec = dataclasses.replace(self.spec, index_treedef=itree, index_keys=ikeys,
+                                   fresh_treedef=ftree, fresh_keys=fkeys)
+        fn = jax.jit(functools.partial(retrieval_graph, spec), static_argnames=("k", "k0"))
+        return self._state_of(dataclasses.replace(st, spec=spec, fn=fn), main, fresh,
+                              st.titles, st.updates, st.seq)
+
+    def enable_fresh(self) -> None:
+        """Switches to the graph that merges the (empty) fresh index now, so that the first
+        item update does not compile it while serving (``st-jax serve`` does this before
+        warming up). Results are unchanged."""
+        with self._lock:
+            self._state = self._with_fresh(self._state)
 
     def catch_up(self) -> int:
         """Applies the journal's updates this retriever has not seen (made by a durable

@@ -626,6 +626,8 @@ class Server:
     def _load_and_warm(self) -> _Live:
         t = time.perf_counter()
         r = self.loader(self.config.bundle)
+        if hasattr(r, "enable_fresh"):       # the first item update then compiles nothing
+            r.enable_fresh()
         warm_up(r, self.config.max_batch, self.config.warmup_filters)
         live = _Live(r, version_of(r))
         log.info("loaded and warmed bundle %s version %s in %.1f s", self.config.bundle,
@@ -886,8 +888,12 @@ class Server:
         if live is None:
             return JSONResponse({"status": "loading" if self._load_error is None else "error",
                                  "error": self._load_error}, status_code=503)
+        fresh = None
+        if hasattr(live.retriever, "fresh_stats"):
+            with contextlib.suppress(Exception):
+                fresh = live.retriever.fresh_stats()
         return JSONResponse({"status": "ok", "bundle_version": live.version,
-                             "reloading": self._reloading})
+                             "reloading": self._reloading, "fresh": fresh})
 
     async def metrics_text(self, request: Request, t0: float):
         live = self._live

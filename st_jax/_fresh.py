@@ -461,6 +461,22 @@ def _bucket(n: int) -> int:
     return max(_MIN_BATCH, 1 << max(0, n - 1).bit_length())
 
 
+@functools.partial(jax.jit, static_argnames=("axis",))
+def _take_core(x, idx, axis: int):
+    return jnp.take(x, idx, axis=axis)
+
+
+def _take(x, idx, axis: int = 0) -> np.ndarray:
+    """``x`` gathered at ``idx`` along ``axis``, on device, as numpy: ``idx`` is padded to a
+    :func:`_bucket` size so that host-side lookups of any size compile a few shapes only."""
+    idx = np.asarray(idx, np.int64).reshape(-1)
+    n = idx.size
+    pad = np.zeros(_bucket(n), np.int32)
+    pad[:n] = idx
+    out = np.asarray(_take_core(x, jnp.asarray(pad), axis=axis))
+    return out[(slice(None),) * axis + (slice(0, n),)]
+
+
 def _pad_rows(x, nb: int, value=0):
     x = jnp.asarray(x)
     return jnp.pad(x, [(0, nb - x.shape[0])] + [(0, 0)] * (x.ndim - 1), constant_values=value)
@@ -554,26 +570,28 @@ def _main_pairs(main: Index, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = rows.size
     items, terms = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     if n and s.num_exact:
-        w = np.asarray(fi.rows[FIRST_EXACT_ROW:FIRST_EXACT_ROW + s.num_exact][:, rows // 32])
+        w = _take(fi.rows, rows // 32, axis=1)[FIRST_EXACT_ROW:FIRST_EXACT_ROW + s.num_exact]
         has = ((w >> (rows % 32).astype(np.uint32)) & 1).astype(bool)     # [E, n]
         e, j = np.nonzero(has)
         items.append(j.astype(np.int64))
         terms.append(_exact_term_of_row(s)[e])
     if n:
-        start = np.asarray(fi.item_offsets[rows]).astype(np.int64)
-        length = np.asarray(fi.item_offsets[rows + 1]).astype(np.int64) - start
+        bounds = _take(fi.item_offsets, np.concatenate([rows, rows + 1])).astype(np.int64)
+        start, length = bounds[:n], bounds[n:] - bounds[:n]
         total = int(length.sum())
         if total:
             first = np.repeat(start - (np.cumsum(length) - length), length)
             items.append(np.repeat(np.arange(n, dtype=np.int64), length))
-            terms.append(np.asarray(fi.item_terms[first + np.arange(total)]).astype(np.int64))
+            terms.append(_take(fi.item_terms, first + np.arange(total)).astype(np.int64))
     return np.concatenate(items), np.concatenate(terms)
 
 
 def _fresh_pairs(fresh: FreshIndex, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Term ids of the fresh items in ``slots`` -> (item i64[P], term i64[P])."""
     L = fresh.max_terms
-    mat = np.asarray(fresh.store.filters.item_terms[:-1].reshape(-1, L)[slots])   # [n, L]
+    slots = np.asarray(slots, np.int64)
+    mat = _take(fresh.store.filters.item_terms,
+                (slots[:, None] * L + np.arange(L)).reshape(-1)).reshape(slots.size, L)
     j, c = np.nonzero(mat != _PAD_TERM)
     return j.astype(np.int64), mat[j, c].astype(np.int64)
 
