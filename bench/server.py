@@ -89,6 +89,22 @@ class _Conn:
             self.writer.close()
 
 
+async def _send(conn: "_Conn", path: str, bodies, deadline: float, lat: list,
+                codes: dict) -> list[dict]:
+    """Posts ``bodies`` one at a time (each after the previous answer) until they run out or
+    ``deadline`` passes, recording latencies and status codes; returns the bodies sent."""
+    sent = []
+    for body in bodies:
+        if time.perf_counter() > deadline:
+            break
+        t = time.perf_counter()
+        status, _ = await conn.post(path, body)
+        lat.append(time.perf_counter() - t)
+        codes[status] = codes.get(status, 0) + 1
+        sent.append(body)
+    return sent
+
+
 async def _level(url: str, bodies: list[dict], clients: int, seconds: float) -> dict:
     """Closed loop: `clients` connections, each sends the next body when its previous answer
     arrived, until every body was sent or `seconds` passed."""
@@ -101,13 +117,7 @@ async def _level(url: str, bodies: list[dict], clients: int, seconds: float) -> 
         async def worker():
             conn = _Conn(host, int(port))
             try:
-                for body in nxt:
-                    if time.perf_counter() > deadline:
-                        return
-                    t = time.perf_counter()
-                    status, _ = await conn.post("/v1/recommend", body)
-                    lat.append(time.perf_counter() - t)
-                    codes[status] = codes.get(status, 0) + 1
+                await _send(conn, "/v1/recommend", nxt, deadline, lat, codes)
             finally:
                 conn.close()
 
@@ -140,24 +150,17 @@ async def _updates(url: str, bodies: list[dict], seconds: float, warmup: int = 2
     reported as ``first_ms``), the rest timed, bounded by ``seconds``."""
     host, port = url.split("//")[1].split(":")
     conn = _Conn(host, int(port))
-    lat, items, codes = [], 0, {}
+    lat, codes = [], {}
     try:
         t = time.perf_counter()
         for body in bodies[:warmup]:
             status, _ = await conn.post("/v1/items", body)
             codes[status] = codes.get(status, 0) + 1
         first_ms = (time.perf_counter() - t) * 1e3 / max(min(warmup, len(bodies)), 1)
-        deadline = time.perf_counter() + seconds
         t0 = time.perf_counter()
-        for body in bodies[warmup:]:
-            if time.perf_counter() > deadline:
-                break
-            t = time.perf_counter()
-            status, _ = await conn.post("/v1/items", body)
-            lat.append(time.perf_counter() - t)
-            codes[status] = codes.get(status, 0) + 1
-            items += len(body.get("add", [])) + len(body.get("update", []))
+        sent = await _send(conn, "/v1/items", bodies[warmup:], t0 + seconds, lat, codes)
         wall = time.perf_counter() - t0
+        items = sum(len(b.get("add", [])) + len(b.get("update", [])) for b in sent)
     finally:
         conn.close()
     ms = np.asarray(lat) * 1e3
