@@ -194,7 +194,9 @@ class Retriever(Runner):
         return cls(data, **kw)
 
     def with_options(self, **kw) -> "Retriever":
-        """The same bundle with other serving options (``rank``, ``merge``, ``nprobe`` ...)."""
+        """The same bundle with other serving options (``rank``, ``merge``, ``nprobe`` ...):
+        a new retriever over the published version plus its journal (in-memory updates of a
+        non-durable retriever are not carried over)."""
         base = {"buckets": self.buckets, "nprobe": self.spec.nprobe or None,
                 "merge": self.spec.merge, "rank": self.spec.rank, "backend": self.spec.backend,
                 "min_eligible_factor": self.spec.min_eligible_factor,
