@@ -102,6 +102,9 @@ class ServerConfig:
       durable: journal every ``/v1/items`` update in the bundle (fsynced) before it is
         applied and acknowledged, so restarts and reloads keep it (``serving._journal``);
         False keeps updates in memory only (a restart or reload loses them).
+      auto_compact: compact in the background (as ``POST /v1/admin/compact``) once this
+        fraction of the fresh index's slots is used, so updates never run into a full fresh
+        index while compaction keeps up (0: only on request).
     """
 
     bundle: str
@@ -114,6 +117,12 @@ class ServerConfig:
     retriever_kw: Mapping = dataclasses.field(default_factory=dict)
     warmup_filters: tuple[str, ...] = ()
     durable: bool = True
+    auto_compact: float = 0.8
+
+    def __post_init__(self):
+        if not 0.0 <= self.auto_compact <= 1.0:
+            raise ValueError(f"auto_compact must be a fraction in [0, 1] (0: off); got "
+                             f"{self.auto_compact!r}")
 
 
 class HTTPError(Exception):
@@ -724,6 +733,10 @@ class Server:
                     "item_updates_caught_up": int(caught or 0), **report}
 
     async def compact(self, request: Request, t0: float):
+        rep = await self.do_compact()
+        return JSONResponse({**rep, "took_ms": round((time.perf_counter() - t0) * 1e3, 3)})
+
+    async def do_compact(self) -> dict:
         """Folds the served fresh index (item updates) into a new bundle version, then swaps
         to it. Updates keep flowing while it runs (durable: they are journaled and replayed
         on the new version; not durable: they wait until the swap)."""
@@ -737,6 +750,7 @@ class Server:
             loop = asyncio.get_running_loop()
             hold = None if self.config.durable else self._items_lock
             async with (hold or contextlib.nullcontext()):
+                live = self._require_live()
                 t = time.perf_counter()
                 try:
                     path = await loop.run_in_executor(self._load_pool, compact_bundle,
@@ -748,10 +762,24 @@ class Server:
                                          f"{type(e).__name__}: {e}") from None
                 written = time.perf_counter() - t
                 rep = await self.do_reload(force=False, items_held=hold is not None)
-            return JSONResponse({**rep, "compacted": os.path.basename(path),
-                                 "compaction_s": round(written, 3),
-                                 "took_ms": round((time.perf_counter() - t0) * 1e3, 3)})
+            return {**rep, "compacted": os.path.basename(path), "compaction_s": round(written, 3)}
 
+    def _maybe_auto_compact(self, stats: Mapping) -> None:
+        """Starts a background compaction once the fresh index is ``auto_compact`` full."""
+        frac = self.config.auto_compact
+        cap = stats.get("capacity") or 0
+        if not frac or not cap or stats.get("used", 0) < frac * cap \
+                or self._compact_lock.locked():
+            return
+
+        async def run():
+            try:
+                rep = await self.do_compact()
+                log.info("auto-compaction at %d/%d fresh slots: now serving %s", stats["used"],
+                         cap, rep["bundle_version"])
+            except HTTPError as e:               # another one started first, or it failed
+                log.warning("auto-compaction did not run: %s", e)
+        self._tasks.append(asyncio.create_task(run(), name="auto-compact"))
 
     # --- plumbing -----------------------------------------------------------------------------
     def _endpoint(self, name: str, handler):
@@ -872,6 +900,7 @@ class Server:
                     return JSONResponse(body, status_code=status)
                 applied[kind] += list(rep.get(kind, []))
         stats = r.fresh_stats() if hasattr(r, "fresh_stats") else {}
+        self._maybe_auto_compact(stats)
         return JSONResponse({"applied": applied, "fresh": stats, "bundle_version": live.version,
                              "took_ms": round((time.perf_counter() - t0) * 1e3, 3)})
 

@@ -81,6 +81,9 @@ def register(subparsers) -> None:
     s.add_argument("--no-durable", dest="durable", action="store_false",
                    help="keep /v1/items updates in memory only (default: journal them in "
                         "the bundle so restarts keep them)")
+    s.add_argument("--auto-compact", type=float, default=0.8,
+                   help="compact in the background once this fraction of the fresh index is "
+                        "used (0: only POST /v1/admin/compact)")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=_serve)
 
@@ -168,7 +171,7 @@ def _serve(args) -> int:
                        max_wait_ms=args.max_wait_ms, queue=args.queue,
                        max_users=args.max_users, max_k=args.max_k, poll_s=args.poll_s,
                        retriever_kw=kw, warmup_filters=tuple(args.warmup_filter),
-                       durable=args.durable)
+                       durable=args.durable, auto_compact=args.auto_compact)
     serve(cfg, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

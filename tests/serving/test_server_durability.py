@@ -175,3 +175,27 @@ def test_server_killed_during_compaction_restarts_on_the_previous_version(bundle
             proc.kill()
     versions = sorted(os.listdir(os.path.join(bundle, "versions")))
     assert versions == ["v000001", "v000002"], versions          # no temporary left over
+
+
+def test_auto_compaction_when_the_fresh_index_fills(bundle, tiny_model):
+    ds = tiny_model.dataset
+    kw = {**SERVE_KW, "retriever_kw": {"buckets": (8,), "fresh_capacity": 16},
+          "auto_compact": 0.5}
+    st = ServerThread(Server(ServerConfig(bundle, **kw))).start()
+    try:
+        st.wait_ready()
+        with httpx.Client(base_url=st.url, timeout=120) as c:
+            new_ids = [int(i) + 9000 for i in ds.item_ids[:8]]
+            r = c.post("/v1/items", json={"add": _add_body(ds, range(8), new_ids)})
+            assert r.status_code == 200 and r.json()["fresh"]["used"] == 8, r.text
+            deadline = time.time() + 180
+            while c.get("/healthz").json()["bundle_version"] != "v000002":
+                assert time.time() < deadline, "no auto-compaction"
+                time.sleep(0.2)
+            assert c.get("/healthz").json()["fresh"]["used"] == 0
+            r = c.post("/v1/recommend", json={"users": [1, 2], "filter": "genres:durable",
+                                              "k": 10})
+            assert {it["id"] for res in r.json()["results"] for it in res["items"]} == \
+                set(new_ids)
+    finally:
+        st.stop()
