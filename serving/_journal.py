@@ -168,13 +168,21 @@ class Writer:
         finally:
             os.close(dfd)
 
-    def append(self, record: dict) -> int:
+    def append(self, record: dict, after: int | None = None) -> int:
         """Appends ``record`` (its ``seq`` is assigned here), fsyncs; returns the seq.
-        On failure the segment is cut back to its previous end and the error raised."""
+        On failure the segment is cut back to its previous end and the error raised.
+
+        ``after``: the last seq the caller has applied; refused (:class:`JournalError`) if the
+        journal holds later records (the caller must catch up first, or it would journal an
+        update on a state that misses them)."""
         with self._mutex:
             if self._file is None:
                 self._open()
             seq = self._next
+            if after is not None and seq != after + 1:
+                raise JournalError(f"the journal of {self.root!r} holds updates up to {seq - 1}"
+                                   f" that this retriever (at {after}) has not applied; call "
+                                   "catch_up() first (or load the bundle again)")
             line = _encode({"seq": seq, "time": round(time.time(), 3), **record})
             pos = self._file.tell()
             try:

@@ -299,23 +299,27 @@ class Retriever(Runner):
             return (lambda m, f: fr.delete(m, f, ids)), {}
         raise journal.JournalError(f"unknown journal operation {kind!r}")
 
-    def _apply(self, record: dict, *, journaled_seq: int | None = None) -> None:
+    def _apply(self, record: dict, *, journaled_seq: int | None = None) -> bool:
         """Applies one update under the writer lock: computes the new indexes (bad input
         raises here, nothing changes), journals the record if ``durable`` (fsynced: the update
         is acknowledged only once it is on disk), then publishes the new state with one
         reference swap — queries see the old or the new state, never half of it.
-        ``journaled_seq``: the record comes from the journal (replay), with this seq."""
+        ``journaled_seq``: the record comes from the journal (replay), with this seq; it is
+        skipped (False) if this retriever applied it already."""
         op, titles = self._op(record)
         with self._lock:
+            if journaled_seq is not None and journaled_seq <= self._state.seq:
+                return False                                   # applied already
             st = self._with_fresh(self._state)
             main, fresh = op(st.main, st.fresh)
             seq = st.seq
             if journaled_seq is not None:
                 seq = journaled_seq
             elif self.durable:
-                seq = journal.writer(self.root).append(record)
+                seq = journal.writer(self.root).append(record, after=st.seq)
             self._state = self._state_of(st, main, fresh, {**st.titles, **titles},
                                          st.updates + 1, seq)
+        return True
 
     @staticmethod
     def _state_of(st: _State, main, fresh, titles: dict, updates: int, seq: int) -> _State:
@@ -358,7 +362,8 @@ class Retriever(Runner):
         n = 0
         for rec in journal.read_records(self.root, after=self._state.seq):
             try:
-                self._apply(rec, journaled_seq=rec["seq"])
+                if not self._apply(rec, journaled_seq=rec["seq"]):
+                    continue
             except Exception as e:  # noqa: BLE001 - re-raised with the record named
                 raise journal.JournalError(
                     f"cannot replay journaled item update {rec['seq']} ({rec.get('op')} of "

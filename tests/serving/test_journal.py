@@ -141,3 +141,14 @@ def test_unreplayable_journal_is_a_clear_error(bundle, tiny_model):
     r.add_items(ids, feats, attrs)
     with pytest.raises(journal.JournalError, match="fresh_capacity"):
         serving.Retriever.load(bundle, fresh_capacity=4)
+
+
+def test_a_writer_behind_the_journal_must_catch_up(bundle):
+    a = serving.Retriever.load(bundle, durable=True)
+    b = serving.Retriever.load(bundle, durable=True)
+    a.delete_items([int(a.host.item_ids[0])])
+    with pytest.raises(journal.JournalError, match="catch_up"):
+        b.delete_items([int(a.host.item_ids[1])])
+    assert b.catch_up() == 1
+    b.delete_items([int(a.host.item_ids[1])])
+    assert a.catch_up() == 1 and a.fresh_stats()["journal_seq"] == 2
