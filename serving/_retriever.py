@@ -1,4 +1,14 @@
-"""``Retriever``: a published bundle as one jitted retrieval graph (in process)."""
+"""``Retriever``: a published bundle as one jitted retrieval graph (in process).
+
+``Retriever.load(bundle_dir, mesh=Mesh(np.array(jax.devices()), ("items",)))`` serves the
+same graph with the main index sharded over the mesh's item axis (``st_jax.shard_index``):
+each device filters and scores its shard, the shards' top-k0 candidates (with their cache
+rows) are merged globally, and the user tower, filters, fresh index, OverArch and Value
+Model run replicated. Results equal the unsharded retriever. The published index then stays
+in host memory (numpy: host-side look-ups, item updates, ``serving.compact``); devices hold
+only their shard (item updates re-shard only the live words). A sharded retriever does not
+export (``export`` says to export the bundle loaded without ``mesh``).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +25,7 @@ from serving._bundle import BundleData, BundleError, check_model_matches, read_b
 from serving._graph import MERGES, RANKS, GraphSpec, retrieval_graph
 from serving._host import DEFAULT_BUCKETS, HostSide, RequestError, check_buckets, lookup
 from serving._runner import Runner
+from st_jax._shard import shard_index, shard_live
 from st_jax._filter_lang import DEFAULT_STACK_DEPTH
 from st_jax._persist import index_from_flat
 
@@ -55,7 +66,8 @@ def _restore(template, flat: dict, key_fn):
 class _State:
     """What queries read (swapped as one reference): graph spec and jitted function, weights
     (model, main index, fresh store), the main index and fresh index, titles of fresh items,
-    and the number of updates applied since loading."""
+    the number of updates applied since loading, and the served sharded main index (None:
+    unsharded)."""
 
     spec: GraphSpec
     fn: object
@@ -64,6 +76,7 @@ class _State:
     fresh: object
     titles: dict
     updates: int
+    sharded: object = None
 
 
 def _item_apply(graph, params, features):
@@ -77,13 +90,14 @@ class Retriever(Runner):
     ``Retriever.load(bundle_dir)``; ``retriever(user_features, filter=..., k=10)`` or
     ``retriever.recommend(user_ids, filter=..., k=10)``. One compilation per batch bucket
     (and k, k0); new users and new filters reuse it. CPU runs the XLA twins, GPU the Pallas
-    kernels (``backend="auto"``).
+    kernels (``backend="auto"``). With ``mesh=`` the main index is sharded over the mesh's
+    item axis (module docstring); results equal the unsharded retriever.
     """
 
     def __init__(self, data: BundleData, *, buckets: Sequence[int] = DEFAULT_BUCKETS,
                  nprobe: int | None = None, merge: str | None = None, rank: str = "overarch",
                  backend: str = "auto", min_eligible_factor: float = 16.0,
-                 fresh_capacity: int = 4096):
+                 fresh_capacity: int = 4096, mesh=None, item_axis: str | None = None):
         from training import _io
         from training._config import TrainConfig
         from training._models import TwoTower, make_overarch
@@ -113,10 +127,18 @@ class Retriever(Runner):
         tt, oa = nnx.eval_shape(make)          # structure only: no parameter allocation
         graphs, template = split_params(tt, oa)
         params = _restore(template, data.group("model"), _io._key)
-        index = index_from_flat(data.group("index"), m["index"]["spec"])
+        self.mesh, self.item_axis, sharded = mesh, item_axis, None
+        # sharded: the full index stays in host memory, devices hold their shards only
+        index = index_from_flat(data.group("index"), m["index"]["spec"], host=mesh is not None)
         wm, ptree, pkeys = flat_weights(params, "model/", _io._key)
-        wi, itree, ikeys = flat_weights(index, "index/", _dot_key)
-        self.weights = jax.device_put({**wm, **wi})
+        if mesh is None:
+            wi, itree, ikeys = flat_weights(index, "index/", _dot_key)
+            self.weights = jax.device_put({**wm, **wi})
+        else:
+            sharded = shard_index(index, mesh, item_axis)
+            self.item_axis = sharded.axis
+            wi, itree, ikeys = flat_weights(sharded, "index/", _dot_key)
+            self.weights = {**self._replicated(wm), **wi}
         self.index = index
         self.value_model = ValueModel.parse(m["model"]["value_formula"], tasks)
         nc = m["index"]["num_clusters"]
@@ -155,7 +177,7 @@ class Retriever(Runner):
         self._item_fn = jax.jit(functools.partial(_item_apply, graphs.item_tower))
         self._item_params = params["item_tower"]
         self._lock = threading.Lock()
-        self._state = _State(self.spec, self._fn, self.weights, index, None, {}, 0)
+        self._state = _State(self.spec, self._fn, self.weights, index, None, {}, 0, sharded)
 
     @classmethod
     def load(cls, bundle_dir: str, *, model=None, **kw) -> "Retriever":
@@ -168,7 +190,10 @@ class Retriever(Runner):
           **kw: ``buckets`` (batch sizes compiled, default 1, 8, 32, 128), ``nprobe``,
             ``merge`` ("union" | "intersection"), ``rank`` ("overarch" | "retrieval"),
             ``backend``, ``min_eligible_factor``, ``fresh_capacity`` (items
-            ``add_items`` / ``update_items`` can write before ``serving.compact``).
+            ``add_items`` / ``update_items`` can write before ``serving.compact``),
+            ``mesh`` (a ``jax.sharding.Mesh``: shard the main index over its item axis,
+            ``item_axis`` naming it when the mesh has several axes; results equal the
+            unsharded retriever; see ``serving._retriever``).
         Raises:
           BundleError, TamperedError, SkewError (see ``serving``).
         """
@@ -181,12 +206,19 @@ class Retriever(Runner):
         return cls(data, **kw)
 
     def with_options(self, **kw) -> "Retriever":
-        """The same bundle with other serving options (``rank``, ``merge``, ``nprobe`` ...)."""
+        """The same bundle with other serving options (``rank``, ``merge``, ``nprobe``,
+        ``mesh`` ...; ``mesh=None`` serves it unsharded). Item updates are not carried over."""
         base = {"buckets": self.buckets, "nprobe": self.spec.nprobe or None,
                 "merge": self.spec.merge, "rank": self.spec.rank, "backend": self.spec.backend,
                 "min_eligible_factor": self.spec.min_eligible_factor,
-                "fresh_capacity": self.fresh_capacity}
+                "fresh_capacity": self.fresh_capacity, "mesh": self.mesh,
+                "item_axis": self.item_axis if "mesh" not in kw else None}
         return Retriever(self.data, **{**base, **kw})
+
+    def _replicated(self, weights: dict) -> dict:
+        """Weights placed on every device of the mesh (sharded serving)."""
+        from jax.sharding import NamedSharding, PartitionSpec
+        return jax.device_put(weights, NamedSharding(self.mesh, PartitionSpec()))
 
     def _graph(self, snap, bucket: int, k: int, k0: int, inputs: dict) -> dict:
         return snap.fn(snap.weights, {key: jnp.asarray(v) for key, v in inputs.items()},
@@ -273,17 +305,26 @@ class Retriever(Runner):
             if fresh is None:                                  # first update: enable
                 main = fr._with_live(main)
                 fresh = fr.create_fresh(main, self.fresh_capacity)
-                wi, itree, ikeys = flat_weights(main, "index/", _dot_key)
                 wf, ftree, fkeys = flat_weights(fresh.store, "fresh/", _dot_key)
-                spec = dataclasses.replace(self.spec, index_treedef=itree, index_keys=ikeys,
-                                           fresh_treedef=ftree, fresh_keys=fkeys)
+                spec = dataclasses.replace(self.spec, fresh_treedef=ftree, fresh_keys=fkeys)
+                if st.sharded is None:             # the main index now has live words
+                    wi, itree, ikeys = flat_weights(main, "index/", _dot_key)
+                    spec = dataclasses.replace(spec, index_treedef=itree, index_keys=ikeys)
                 fn = jax.jit(functools.partial(retrieval_graph, spec),
                              static_argnames=("k", "k0"))
             main, fresh = op(main, fresh)
             weights = {k: v for k, v in st.weights.items() if k.startswith("model/")}
-            weights.update(flat_weights(main, "index/", _dot_key)[0])
-            weights.update(flat_weights(fresh.store, "fresh/", _dot_key)[0])
-            self._state = _State(spec, fn, weights, main, fresh, st.titles, st.updates + 1)
+            wf = flat_weights(fresh.store, "fresh/", _dot_key)[0]
+            sharded = st.sharded
+            if sharded is None:
+                weights.update(flat_weights(main, "index/", _dot_key)[0])
+            else:               # the main index changes by its live words (tombstones) only
+                sharded = shard_live(sharded, main.live)
+                weights.update(flat_weights(sharded, "index/", _dot_key)[0])
+                wf = self._replicated(wf)
+            weights.update(wf)
+            self._state = _State(spec, fn, weights, main, fresh, st.titles, st.updates + 1,
+                                 sharded)
 
     def add_items(self, ids, features, attributes=None, titles=None) -> dict:
         """Adds new items (ids not live anywhere), embedded by the bundle's item tower; visible
@@ -335,8 +376,16 @@ class Retriever(Runner):
           batch_sizes: buckets to export (default: this retriever's).
           k: the largest k callers may ask for; k0: candidates per task (default: bundle's).
           exclude_max: longest exclusion list per user the artifacts accept (0: none).
+        Raises:
+          ValueError: bad options; item updates pending (compact first); a sharded
+            retriever (``mesh=``): exported graphs run on one device, so export the same
+            bundle loaded without ``mesh`` (``Retriever.load(bundle_dir).export(...)``).
         """
         from serving._export import export_retriever
+        if self.mesh is not None:
+            raise ValueError("export needs an unsharded retriever: exported graphs run on one "
+                             "device; load the bundle without mesh= "
+                             "(serving.Retriever.load(bundle_dir).export(...)) and export that")
         return export_retriever(self, path, platform=platform,
                                 batch_sizes=batch_sizes or self.buckets, k=k,
                                 k0=self.default_k0 if k0 is None else k0,
