@@ -9,11 +9,21 @@
 :func:`retrieval_graph` takes ``(weights, inputs)`` as flat ``{name: array}`` dicts, so the
 same function is jitted in process and serialised with ``jax.export`` (dict pytrees need no
 custom serialisation); the model and index structure are static (:class:`GraphSpec`).
+
+Sharded serving (``serving.Retriever.load(..., mesh=)``): the main index is a
+:class:`~st_jax.ShardedIndex` (items split over the mesh's item axis). The user tower, the
+filter programs, the fresh index, the OverArch and the Value Model stay replicated; stage 2
+runs per shard inside ``shard_map`` (``st_jax._shard._sharded_core``: each shard filters and
+scores its rows -- flat scan, or IVF probe with the starvation test counted over all
+shards -- with each user's excluded rows mapped to the shard's rows) and returns its top-k0
+per task query with their ids and cache rows; one global ``top_k`` merges the shards. Stage
+3 reads the candidates' embeddings from what the shards returned (never gathering a sharded
+cache), so results equal the unsharded graph.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +33,8 @@ from jax import lax
 from pallas_kernels.int8_topk import NEG_INF
 from st_jax._filter_index import filter_mask
 from st_jax._filter_lang import FilterProgram
-from st_jax._search import _search_core
+from st_jax._search import _search_core, exclusion_words
+from st_jax._shard import ShardedIndex, _sharded_core
 
 MERGES = ("union", "intersection")
 RANKS = ("overarch", "retrieval")
@@ -36,7 +47,8 @@ class GraphSpec:
     Attributes:
       user_graph / overarch_graph: NNX graph definitions (overarch None: no OverArch).
       params_treedef / params_keys: rebuild the model parameter pytree from ``model/<key>``.
-      index_treedef / index_keys: rebuild the :class:`~st_jax.Index` from ``index/<key>``.
+      index_treedef / index_keys: rebuild the :class:`~st_jax.Index` (or, sharded, the
+        :class:`~st_jax.ShardedIndex`) from ``index/<key>``.
       user_fields: user feature names (inputs ``user/<name>``).
       value_fn: Value Model, ``f32[..., T] -> f32[...]``.
       num_tasks: T; primary_task: the task ranking by retrieval score uses.
@@ -75,32 +87,37 @@ def _tree(treedef, keys, flat: dict, prefix: str):
     return jax.tree_util.tree_unflatten(treedef, [flat[prefix + k] for k in keys])
 
 
-def exclusion_words(rows: jax.Array, num_words: int) -> jax.Array:
-    """``i32[B, E]`` storage rows to exclude (-1 padding, duplicates allowed) ->
-    ``u32[B, W]`` eligibility words with those rows' bits cleared."""
-    b = rows.shape[0]
-    s = jnp.sort(rows, axis=1)
-    dup = jnp.concatenate([jnp.zeros((b, 1), bool), s[:, 1:] == s[:, :-1]], axis=1)
-    s = jnp.where(dup | (s < 0), num_words * 32, s)            # out of range: dropped
-    bits = jnp.left_shift(jnp.uint32(1), (s % 32).astype(jnp.uint32))
-    cleared = jnp.zeros((b, num_words), jnp.uint32).at[
-        jnp.arange(b)[:, None], s // 32].add(bits, mode="drop")
-    return ~cleared
+class Candidates(NamedTuple):
+    """Merged candidates of each user (stage 2 -> stage 3).
+
+    rows: ``i32[B, C]`` main storage rows, fresh slot ``s`` as ``main.num_rows + s``, -1
+      empty (sorted, each once); ids: ``[B, C]`` their item ids; emb: ``f32[B, C, D]``
+      their float embeddings (cache rows; garbage where ``rows < 0``).
+    """
+
+    rows: jax.Array
+    ids: jax.Array
+    emb: jax.Array
 
 
-def merge_candidates(rows: jax.Array, num_tasks: int, merge: str) -> jax.Array:
+def merge_candidates(rows: jax.Array, num_tasks: int, merge: str, *,
+                     with_order: bool = False):
     """``i32[B, T*k0]`` per-task candidate rows (-1 empty) -> ``i32[B, T*k0]`` merged set:
     each kept row once (sorted), dropped slots -1. ``intersection`` keeps rows every task
-    retrieved (each task's list has distinct rows, so a row occurs T times)."""
+    retrieved (each task's list has distinct rows, so a row occurs T times).
+    ``with_order``: also return ``order i32[B, T*k0]``, merged slot j <- input slot
+    ``order[:, j]`` (to carry per-candidate data along)."""
     b = rows.shape[0]
-    s = jnp.sort(rows, axis=1)
+    order = jnp.argsort(rows, axis=1)
+    s = jnp.take_along_axis(rows, order, axis=1)
     first = jnp.concatenate([jnp.ones((b, 1), bool), s[:, 1:] != s[:, :-1]], axis=1)
     keep = first & (s >= 0)
     if merge == "intersection" and num_tasks > 1:
         t = num_tasks - 1
         ahead = jnp.concatenate([s[:, t:], jnp.full((b, t), -2, s.dtype)], axis=1)
         keep &= ahead == s
-    return jnp.where(keep, s, -1)
+    merged = jnp.where(keep, s, -1)
+    return (merged, order) if with_order else merged
 
 
 def user_stage(spec: GraphSpec, weights: dict, inputs: dict):
@@ -142,18 +159,12 @@ def _fresh_topk(spec: GraphSpec, store, q, t: int, inputs: dict, k0: int):
     return vals, slots
 
 
-def retrieve_stage(spec: GraphSpec, indexes, u, inputs: dict, k0: int):
-    """Stage 2 — ``(cand i32[B, T*k0], path i32[B, T])``: per-task filtered Int8 top-k0 from
-    one index copy (T x B queries; main and fresh merged by score), merged across tasks.
-    Candidates are rows: main storage rows, fresh slot ``s`` as ``main.num_rows + s``; -1
-    empty."""
-    index, store = indexes
-    t, b, d = u.shape
-    q = jnp.pad(u.reshape(t * b, d), ((0, 0), (0, index.items.codes.shape[1] - d)))
+def _main_topk(spec: GraphSpec, index, q, t: int, inputs: dict, prog, k0: int):
+    """Unsharded main index: ``(f32[T*B, k0], rows i32[T*B, k0], ids, emb f32[T*B, k0, D],
+    path i32[T*B])``."""
     mask = None
     if "exclude" in inputs:
         mask = exclusion_words(inputs["exclude"], index.num_words)               # [B, W]
-    prog = _program(spec, inputs, "filter")
     if prog is not None:
         if index.ivf is None or not spec.nprobe:
             # flat scan: one mask per user, shared by that user's T task queries
@@ -168,26 +179,57 @@ def retrieve_stage(spec: GraphSpec, indexes, u, inputs: dict, k0: int):
     vals, rows, path = _search_core(index, q, mask, prog, k=k0, nprobe=spec.nprobe, rerank=0,
                                     min_eligible_factor=spec.min_eligible_factor,
                                     backend=spec.backend)
+    safe = jnp.clip(rows, 0, index.num_rows - 1)
+    pos = safe if index.perm is None else index.perm[safe]
+    ids = pos if index.ids is None else index.ids[jnp.maximum(pos, 0)]
+    return vals, rows, ids, index.cache[safe].astype(jnp.float32), path
+
+
+def retrieve_stage(spec: GraphSpec, indexes, u, inputs: dict, k0: int):
+    """Stage 2 — ``(Candidates [B, T*k0], path i32[B, T])``: per-task filtered Int8 top-k0
+    from one index copy (T x B queries; main and fresh merged by score; a sharded main
+    index: per shard, then merged), merged across tasks."""
+    index, store = indexes
+    t, b, d = u.shape
+    sharded = isinstance(index, ShardedIndex)
+    d_pad = (index.codes if sharded else index.items.codes).shape[1]
+    q = jnp.pad(u.reshape(t * b, d), ((0, 0), (0, d_pad - d)))
+    prog = _program(spec, inputs, "filter")
+    if sharded:
+        vals, ids, rows, path, emb = _sharded_core(
+            index, q, None, prog, inputs.get("exclude"), k=k0, nprobe=spec.nprobe, rerank=0,
+            min_eligible_factor=spec.min_eligible_factor, backend=spec.backend, tasks=t,
+            with_cache=True)
+        emb = emb.astype(jnp.float32)
+    else:
+        vals, rows, ids, emb, path = _main_topk(spec, index, q, t, inputs, prog, k0)
     if store is not None:
         fv, fs = _fresh_topk(spec, store, q, t, inputs, k0)
+        slot = jnp.clip(fs, 0, store.num_rows - 1)
         allv = jnp.concatenate([vals, fv], axis=1)
         allr = jnp.concatenate([rows, jnp.where(fs >= 0, fs + index.num_rows, -1)], axis=1)
+        alli = jnp.concatenate([ids, store.ids[slot].astype(ids.dtype)], axis=1)
+        alle = jnp.concatenate([emb, store.cache[slot].astype(jnp.float32)], axis=1)
         vals, pos = lax.top_k(allv, k0)
         rows = jnp.where(vals > NEG_INF, jnp.take_along_axis(allr, pos, axis=1), -1)
-    rows = rows.reshape(t, b, k0).transpose(1, 0, 2).reshape(b, t * k0)
-    return merge_candidates(rows, t, spec.merge), path.reshape(t, b).T
+        ids = jnp.take_along_axis(alli, pos, axis=1)
+        emb = jnp.take_along_axis(alle, pos[..., None], axis=1)
+
+    def per_user(x):                                 # [T*B, k0, ...] -> [B, T*k0, ...]
+        x = x.reshape((t, b, k0) + x.shape[2:]).swapaxes(0, 1)
+        return x.reshape((b, t * k0) + x.shape[3:])
+
+    rows, order = merge_candidates(per_user(rows), t, spec.merge, with_order=True)
+    cand = Candidates(rows=rows, ids=jnp.take_along_axis(per_user(ids), order, axis=1),
+                      emb=jnp.take_along_axis(per_user(emb), order[..., None], axis=1))
+    return cand, path.reshape(t, b).T
 
 
-def rank_stage(spec: GraphSpec, params, indexes, u, cand, path, k: int) -> dict:
-    """Stage 3 — OverArch on the candidates (embedding cache) -> Value Model -> top-k; the
+def rank_stage(spec: GraphSpec, params, u, cand: Candidates, path, k: int) -> dict:
+    """Stage 3 — OverArch on the candidates' embeddings -> Value Model -> top-k; the
     output dict of :func:`retrieval_graph`."""
-    index, store = indexes
-    live = cand >= 0
-    emb = index.cache[jnp.clip(cand, 0, index.num_rows - 1)].astype(jnp.float32)  # [B, C, D]
-    if store is not None:
-        slot = jnp.clip(cand - index.num_rows, 0, store.num_rows - 1)
-        emb = jnp.where((cand >= index.num_rows)[..., None],
-                        store.cache[slot].astype(jnp.float32), emb)
+    live = cand.rows >= 0
+    emb = cand.emb                                                               # [B, C, D]
     if spec.rank == "overarch" and spec.overarch_graph is not None:
         logits = nnx.merge(spec.overarch_graph, params["overarch"])(u, emb)      # [B, C, T]
         preds = jax.nn.sigmoid(logits.astype(jnp.float32))
@@ -196,19 +238,11 @@ def rank_stage(spec: GraphSpec, params, indexes, u, cand, path, k: int) -> dict:
         preds = jnp.einsum("tbd,bcd->bct", u, emb)
         value = preds[..., spec.primary_task]
     value = jnp.where(live, value.astype(jnp.float32), NEG_INF)
-    kk = min(k, cand.shape[1])
+    kk = min(k, cand.rows.shape[1])
     top, pos = lax.top_k(value, kk)
-    top_rows = jnp.take_along_axis(cand, pos, axis=1)
     ok = jnp.take_along_axis(live, pos, axis=1)
     task_scores = jnp.take_along_axis(preds, pos[..., None], axis=1)
-    main_rows = jnp.clip(top_rows, 0, index.num_rows - 1)
-    pos_item = main_rows if index.perm is None else index.perm[main_rows]
-    ids = pos_item if index.ids is None else index.ids[jnp.maximum(pos_item, 0)]
-    if store is not None:
-        fresh = top_rows >= index.num_rows
-        slot = jnp.clip(top_rows - index.num_rows, 0, store.num_rows - 1)
-        ids = jnp.where(fresh, store.ids[slot].astype(ids.dtype), ids)
-    ids = jnp.where(ok, ids, -1)
+    ids = jnp.where(ok, jnp.take_along_axis(cand.ids, pos, axis=1), -1)
     top = jnp.where(ok, top, NEG_INF)
     task_scores = jnp.where(ok[..., None], task_scores, jnp.nan)
     if kk < k:                                         # fewer candidates than k: pad
@@ -241,4 +275,4 @@ def retrieval_graph(spec: GraphSpec, weights: dict, inputs: dict, *, k: int, k0:
     """
     params, indexes, u = user_stage(spec, weights, inputs)
     cand, path = retrieve_stage(spec, indexes, u, inputs, k0)
-    return rank_stage(spec, params, indexes, u, cand, path, k)
+    return rank_stage(spec, params, u, cand, path, k)

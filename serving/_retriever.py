@@ -1,4 +1,14 @@
-"""``Retriever``: a published bundle as one jitted retrieval graph (in process)."""
+"""``Retriever``: a published bundle as one jitted retrieval graph (in process).
+
+``Retriever.load(bundle_dir, mesh=Mesh(np.array(jax.devices()), ("items",)))`` serves the
+same graph with the main index sharded over the mesh's item axis (``st_jax.shard_index``):
+each device filters and scores its shard, the shards' top-k0 candidates (with their cache
+rows) are merged globally, and the user tower, filters, fresh index, OverArch and Value
+Model run replicated. Results equal the unsharded retriever. The published index then stays
+in host memory (numpy: host-side look-ups, item updates, ``serving.compact``); devices hold
+only their shard (item updates re-shard only the live words). A sharded retriever does not
+export (``export`` says to export the bundle loaded without ``mesh``).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +27,7 @@ from serving._bundle import BundleData, BundleError, check_model_matches, read_b
 from serving._graph import MERGES, RANKS, GraphSpec, retrieval_graph
 from serving._host import DEFAULT_BUCKETS, HostSide, RequestError, check_buckets, lookup
 from serving._runner import Runner
+from st_jax._shard import shard_index, shard_live
 from st_jax._filter_lang import DEFAULT_STACK_DEPTH
 from st_jax._persist import index_from_flat
 
@@ -57,8 +68,9 @@ def _restore(template, flat: dict, key_fn):
 class _State:
     """What queries read (swapped as one reference): graph spec and jitted function, weights
     (model, main index, fresh store), the main index and fresh index, titles of fresh items,
-    the number of updates applied since loading (journal replay included) and the journal
-    sequence number of the last update applied (the version's ``journal_seq`` if none)."""
+    the number of updates applied since loading (journal replay included), the journal
+    sequence number of the last update applied (the version's ``journal_seq`` if none), and
+    the served sharded main index (None: unsharded)."""
 
     spec: GraphSpec
     fn: object
@@ -68,6 +80,7 @@ class _State:
     titles: dict
     updates: int
     seq: int
+    sharded: object = None
 
 
 def _item_apply(graph, params, features):
@@ -81,13 +94,15 @@ class Retriever(Runner):
     ``Retriever.load(bundle_dir)``; ``retriever(user_features, filter=..., k=10)`` or
     ``retriever.recommend(user_ids, filter=..., k=10)``. One compilation per batch bucket
     (and k, k0); new users and new filters reuse it. CPU runs the XLA twins, GPU the Pallas
-    kernels (``backend="auto"``).
+    kernels (``backend="auto"``). With ``mesh=`` the main index is sharded over the mesh's
+    item axis (module docstring); results equal the unsharded retriever.
     """
 
     def __init__(self, data: BundleData, *, buckets: Sequence[int] = DEFAULT_BUCKETS,
                  nprobe: int | None = None, merge: str | None = None, rank: str = "overarch",
                  backend: str = "auto", min_eligible_factor: float = 16.0,
-                 fresh_capacity: int = 4096, durable: bool = False):
+                 fresh_capacity: int = 4096, durable: bool = False, mesh=None,
+                 item_axis: str | None = None):
         from training import _io
         from training._config import TrainConfig
         from training._models import TwoTower, make_overarch
@@ -117,10 +132,18 @@ class Retriever(Runner):
         tt, oa = nnx.eval_shape(make)          # structure only: no parameter allocation
         graphs, template = split_params(tt, oa)
         params = _restore(template, data.group("model"), _io._key)
-        index = index_from_flat(data.group("index"), m["index"]["spec"])
+        self.mesh, self.item_axis, sharded = mesh, item_axis, None
+        # sharded: the full index stays in host memory, devices hold their shards only
+        index = index_from_flat(data.group("index"), m["index"]["spec"], host=mesh is not None)
         wm, ptree, pkeys = flat_weights(params, "model/", _io._key)
-        wi, itree, ikeys = flat_weights(index, "index/", _dot_key)
-        self.weights = jax.device_put({**wm, **wi})
+        if mesh is None:
+            wi, itree, ikeys = flat_weights(index, "index/", _dot_key)
+            self.weights = jax.device_put({**wm, **wi})
+        else:
+            sharded = shard_index(index, mesh, item_axis)
+            self.item_axis = sharded.axis
+            wi, itree, ikeys = flat_weights(sharded, "index/", _dot_key)
+            self.weights = {**self._replicated(wm), **wi}
         self.index = index
         self.value_model = ValueModel.parse(m["model"]["value_formula"], tasks)
         nc = m["index"]["num_clusters"]
@@ -163,7 +186,7 @@ class Retriever(Runner):
         self.durable = bool(durable)
         self.journal_seq = int(m.get("journal_seq", 0))
         self._state = _State(self.spec, self._fn, self.weights, index, None, {}, 0,
-                             self.journal_seq)
+                             self.journal_seq, sharded)
         self.replayed = 0
         self.catch_up()
 
@@ -182,6 +205,9 @@ class Retriever(Runner):
             ``durable`` (journal every item update in the bundle before applying it, so
             it survives a restart; ``st-jax serve`` does). Updates journaled for this
             version (by a durable retriever, e.g. a server) are always replayed on load.
+            ``mesh`` (a ``jax.sharding.Mesh``: shard the main index over its item axis,
+            ``item_axis`` naming it when the mesh has several axes; results equal the
+            unsharded retriever; see ``serving._retriever``).
         Raises:
           BundleError, TamperedError, SkewError (see ``serving``).
         """
@@ -194,14 +220,21 @@ class Retriever(Runner):
         return cls(data, **kw)
 
     def with_options(self, **kw) -> "Retriever":
-        """The same bundle with other serving options (``rank``, ``merge``, ``nprobe`` ...):
-        a new retriever over the published version plus its journal (in-memory updates of a
-        non-durable retriever are not carried over)."""
+        """The same bundle with other serving options (``rank``, ``merge``, ``nprobe``,
+        ``mesh`` ...; ``mesh=None`` serves it unsharded): a new retriever over the published
+        version plus its journal (in-memory updates of a non-durable retriever are not
+        carried over)."""
         base = {"buckets": self.buckets, "nprobe": self.spec.nprobe or None,
                 "merge": self.spec.merge, "rank": self.spec.rank, "backend": self.spec.backend,
                 "min_eligible_factor": self.spec.min_eligible_factor,
-                "fresh_capacity": self.fresh_capacity, "durable": self.durable}
+                "fresh_capacity": self.fresh_capacity, "durable": self.durable,
+                "mesh": self.mesh, "item_axis": self.item_axis if "mesh" not in kw else None}
         return Retriever(self.data, **{**base, **kw})
+
+    def _replicated(self, weights: dict) -> dict:
+        """Weights placed on every device of the mesh (sharded serving)."""
+        from jax.sharding import NamedSharding, PartitionSpec
+        return jax.device_put(weights, NamedSharding(self.mesh, PartitionSpec()))
 
     def _graph(self, snap, bucket: int, k: int, k0: int, inputs: dict) -> dict:
         return snap.fn(snap.weights, {key: jnp.asarray(v) for key, v in inputs.items()},
@@ -321,12 +354,20 @@ class Retriever(Runner):
                                          st.updates + 1, seq)
         return True
 
-    @staticmethod
-    def _state_of(st: _State, main, fresh, titles: dict, updates: int, seq: int) -> _State:
+    def _state_of(self, st: _State, main, fresh, titles: dict, updates: int, seq: int
+                  ) -> _State:
+        """``st`` with new main / fresh indexes (their weights re-flattened)."""
         weights = {k: v for k, v in st.weights.items() if k.startswith("model/")}
-        weights.update(flat_weights(main, "index/", _dot_key)[0])
-        weights.update(flat_weights(fresh.store, "fresh/", _dot_key)[0])
-        return _State(st.spec, st.fn, weights, main, fresh, titles, updates, seq)
+        wf = flat_weights(fresh.store, "fresh/", _dot_key)[0]
+        sharded = st.sharded
+        if sharded is None:
+            weights.update(flat_weights(main, "index/", _dot_key)[0])
+        else:               # the main index changes by its live words (tombstones) only
+            sharded = shard_live(sharded, main.live)
+            weights.update(flat_weights(sharded, "index/", _dot_key)[0])
+            wf = self._replicated(wf)
+        weights.update(wf)
+        return _State(st.spec, st.fn, weights, main, fresh, titles, updates, seq, sharded)
 
     def _with_fresh(self, st: _State) -> _State:
         """``st`` with an (empty) fresh index and the graph that merges it, if it has none."""
@@ -335,10 +376,11 @@ class Retriever(Runner):
             return st
         main = fr._with_live(st.main)
         fresh = fr.create_fresh(main, self.fresh_capacity)
-        _, itree, ikeys = flat_weights(main, "index/", _dot_key)
         _, ftree, fkeys = flat_weights(fresh.store, "fresh/", _dot_key)
-        spec = dataclasses.replace(self.spec, index_treedef=itree, index_keys=ikeys,
-                                   fresh_treedef=ftree, fresh_keys=fkeys)
+        spec = dataclasses.replace(self.spec, fresh_treedef=ftree, fresh_keys=fkeys)
+        if st.sharded is None:                     # the main index now has live words
+            _, itree, ikeys = flat_weights(main, "index/", _dot_key)
+            spec = dataclasses.replace(spec, index_treedef=itree, index_keys=ikeys)
         fn = jax.jit(functools.partial(retrieval_graph, spec), static_argnames=("k", "k0"))
         return self._state_of(dataclasses.replace(st, spec=spec, fn=fn), main, fresh,
                               st.titles, st.updates, st.seq)
@@ -424,8 +466,16 @@ class Retriever(Runner):
           batch_sizes: buckets to export (default: this retriever's).
           k: the largest k callers may ask for; k0: candidates per task (default: bundle's).
           exclude_max: longest exclusion list per user the artifacts accept (0: none).
+        Raises:
+          ValueError: bad options; item updates pending (compact first); a sharded
+            retriever (``mesh=``): exported graphs run on one device, so export the same
+            bundle loaded without ``mesh`` (``Retriever.load(bundle_dir).export(...)``).
         """
         from serving._export import export_retriever
+        if self.mesh is not None:
+            raise ValueError("export needs an unsharded retriever: exported graphs run on one "
+                             "device; load the bundle without mesh= "
+                             "(serving.Retriever.load(bundle_dir).export(...)) and export that")
         return export_retriever(self, path, platform=platform,
                                 batch_sizes=batch_sizes or self.buckets, k=k,
                                 k0=self.default_k0 if k0 is None else k0,

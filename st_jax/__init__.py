@@ -8,7 +8,7 @@ Public API (kept small):
     index = st.build_index(emb, attributes={"genre": [...]}, num_clusters=1024)
     res = st.search(index, q, k, filter="genre:Comedy AND NOT year:1995", nprobe=32)
     st.fresh.add(index, st.fresh.create_fresh(index, 1000), ids, emb, attrs)   # updates
-    st.sharded_search(st.shard_index(index, mesh), q, k)               # items across devices
+    st.sharded_search(st.shard_index(index, mesh), q, k)   # items across devices (flat or IVF)
 """
 from st_jax._filter_lang import F, FilterError
 from st_jax._index import Index, build_index

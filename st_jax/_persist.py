@@ -73,7 +73,7 @@ def index_to_flat(index: Index) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, spec
 
 
-def _decode(spec: Any, path: str, arrays: dict) -> Any:
+def _decode(spec: Any, path: str, arrays: dict, host: bool = False) -> Any:
     t = spec.get("t") if isinstance(spec, dict) else None
     if t == "none":
         return None
@@ -85,7 +85,7 @@ def _decode(spec: Any, path: str, arrays: dict) -> Any:
             raise IndexFormatError(
                 f"index array {path!r} is {a.dtype.name}{list(a.shape)}, expected "
                 f"{spec['dtype']}{list(spec['shape'])}")
-        return jax.numpy.asarray(a)
+        return a if host else jax.numpy.asarray(a)
     if t == "dc":
         cls = _CLASSES.get(spec["cls"])
         if cls is None:
@@ -95,7 +95,7 @@ def _decode(spec: Any, path: str, arrays: dict) -> Any:
             if isinstance(fs, dict) and fs.get("t") == "static":
                 kw[name] = _decode_static(fs["v"])
             else:
-                kw[name] = _decode(fs, f"{path}.{name}" if path else name, arrays)
+                kw[name] = _decode(fs, f"{path}.{name}" if path else name, arrays, host)
         try:
             return cls(**kw)
         except TypeError as e:
@@ -103,8 +103,9 @@ def _decode(spec: Any, path: str, arrays: dict) -> Any:
     raise IndexFormatError(f"bad index spec node at {path or '<root>'!r}: {spec!r}")
 
 
-def index_from_flat(arrays: dict[str, np.ndarray], spec: dict) -> Index:
-    """Inverse of :func:`index_to_flat`.
+def index_from_flat(arrays: dict[str, np.ndarray], spec: dict, *, host: bool = False) -> Index:
+    """Inverse of :func:`index_to_flat`; ``host=True`` keeps the arrays in host memory
+    (numpy) instead of placing them on the default device.
 
     Raises:
       IndexFormatError: an array is missing or has another shape / dtype than the spec.
@@ -112,7 +113,7 @@ def index_from_flat(arrays: dict[str, np.ndarray], spec: dict) -> Index:
     extra = set(arrays) - set(_array_paths(spec, ""))
     if extra:
         raise IndexFormatError(f"unexpected index arrays {sorted(extra)[:5]}")
-    return _decode(spec, "", arrays)
+    return _decode(spec, "", arrays, host)
 
 
 def _array_paths(spec: Any, path: str) -> list[str]:

@@ -105,17 +105,30 @@ def _popcount_rows(words, batch):
     return jnp.broadcast_to(c, (batch,))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "nprobe", "rerank", "min_eligible_factor",
-                                             "backend"))
-def _search_core(index: Index, q, mask, prog, *, k: int, nprobe: int, rerank: int,
-                 min_eligible_factor: float, backend: str):
-    """Returns ``(scores f32[B, k], rows i32[B, k], path i32[B])`` in storage rows.
+def exclusion_words(rows: jax.Array, num_words: int) -> jax.Array:
+    """``i32[B, E]`` storage rows to exclude (-1 padding, duplicates allowed) ->
+    ``u32[B, W]`` eligibility words with those rows' bits cleared."""
+    b = rows.shape[0]
+    s = jnp.sort(rows, axis=1)
+    dup = jnp.concatenate([jnp.zeros((b, 1), bool), s[:, 1:] == s[:, :-1]], axis=1)
+    s = jnp.where(dup | (s < 0), num_words * 32, s)            # out of range: dropped
+    bits = jnp.left_shift(jnp.uint32(1), (s % 32).astype(jnp.uint32))
+    cleared = jnp.zeros((b, num_words), jnp.uint32).at[
+        jnp.arange(b)[:, None], s // 32].add(bits, mode="drop")
+    return ~cleared
 
-    ``mask``: allow words (or None); ``prog``: compiled filter program (or None).
+
+def _int8_candidates(index: Index, q, mask, prog, *, k: int, kk: int, nprobe: int,
+                     min_eligible_factor: float, backend: str, axis_name: str | None = None):
+    """The Int8 stage of :func:`_search_core`: ``(scores f32[B, kk], rows i32[B, kk],
+    path i32[B])`` in storage rows; ``k`` (the final k) sets the IVF starvation threshold.
+
+    ``axis_name``: inside ``shard_map`` over items (``index`` is one shard), the mesh axis:
+    the starvation test then counts the eligible items of every shard (``lax.psum``), so
+    each shard takes the path the whole index would take.
     """
     b = q.shape[0]
     codes, scale = index.items.codes, index.items.scale
-    kk = k * max(rerank, 1)
     if index.live is not None:
         mask = index.live if mask is None else mask & index.live
     num_valid = index.num_items if index.perm is None else index.num_rows
@@ -146,6 +159,9 @@ def _search_core(index: Index, q, mask, prog, *, k: int, nprobe: int, rerank: in
                               backend=backend)
         in_probe = jnp.sum(lax.population_count(pm).astype(jnp.int32), axis=(1, 2))
         total = _popcount_rows(mask, b)
+        if axis_name is not None:                   # counts over the whole (sharded) index
+            in_probe = lax.psum(in_probe, axis_name)
+            total = lax.psum(total, axis_name)
         need = jnp.minimum(jnp.int32(int(np.ceil(min_eligible_factor * k))), total)
         starved = in_probe < need
         fv, fr = lax.cond(jnp.any(starved), flat, lambda: (vals, rows))
@@ -155,6 +171,20 @@ def _search_core(index: Index, q, mask, prog, *, k: int, nprobe: int, rerank: in
     else:
         vals, rows = flat()
         path = jnp.full((b,), PATH_FLAT, jnp.int32)
+    return vals, rows, path
+
+
+@functools.partial(jax.jit, static_argnames=("k", "nprobe", "rerank", "min_eligible_factor",
+                                             "backend"))
+def _search_core(index: Index, q, mask, prog, *, k: int, nprobe: int, rerank: int,
+                 min_eligible_factor: float, backend: str):
+    """Returns ``(scores f32[B, k], rows i32[B, k], path i32[B])`` in storage rows.
+
+    ``mask``: allow words (or None); ``prog``: compiled filter program (or None).
+    """
+    vals, rows, path = _int8_candidates(index, q, mask, prog, k=k, kk=k * max(rerank, 1),
+                                        nprobe=nprobe, min_eligible_factor=min_eligible_factor,
+                                        backend=backend)
     if rerank:
         x = index.cache[jnp.maximum(rows, 0)].astype(jnp.float32)     # [B, kk, D]
         exact = jnp.einsum("bkd,bd->bk", x, q[:, :index.dim].astype(jnp.float32))

@@ -1,6 +1,7 @@
-"""Sharded search on 4 forced CPU host devices equals the single-device index (ids and
-scores) with filters, allow masks, rerank and tombstones. JAX is already initialised with
-one device in the test process, so the sharded checks run in a subprocess."""
+"""Sharded search on 4 forced CPU host devices equals the single-device index (ids, scores,
+paths), flat and IVF, with filters, allow masks, rerank and tombstones. JAX is already
+initialised with one device in the test process, so the sharded checks run in a
+subprocess."""
 import os
 import subprocess
 import sys
@@ -43,9 +44,9 @@ SCRIPT = textwrap.dedent("""
     q = r.standard_normal((B, D)).astype(np.float32)
 
     def same(a, b, name):
-        np.testing.assert_array_equal(np.asarray(a.scores), np.asarray(b.scores), err_msg=name)
-        np.testing.assert_array_equal(np.asarray(a.ids), np.asarray(b.ids), err_msg=name)
-        np.testing.assert_array_equal(np.asarray(a.count), np.asarray(b.count), err_msg=name)
+        for f in ("scores", "ids", "count", "path"):
+            np.testing.assert_array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)),
+                                          err_msg=f"{name}: {f}")
 
     res = sh.sharded_search(si, q, K)
     same(res, st.search(index, q, K), "plain")
@@ -69,6 +70,30 @@ SCRIPT = textwrap.dedent("""
     # inside a user's jit
     jitted = jax.jit(lambda s, q, w: sh.sharded_search(s, q, K, w, filter=fl, rerank=3))
     same(jitted(si, q, words), want, "jit")
+
+    # IVF: every cluster's 64-item blocks dealt round robin over the shards
+    ivf = st.build_index(x, ids=ids, attributes=attrs, store_embeddings="f32", bloom_bits=64,
+                         num_hashes=3, num_clusters=12)
+    sv = sh.shard_index(ivf, mesh)
+    assert sv.num_clusters == 12 and sv.block == 64
+    counts = np.asarray(sv.block_count).reshape(4, -1)
+    assert (counts.sum(0) == np.asarray(ivf.ivf.block_count)).all()
+    assert (counts > 0).all(axis=1).any()             # a shard holds part of every cluster
+    res = sh.sharded_search(sv, q, K, a1, nprobe=3)
+    same(res, st.search(ivf, q, K, a1, nprobe=3), "ivf, shared allow")
+    assert (np.asarray(res.path) == 1).all()
+    # per-query filters + packed allow + rerank: selective queries starve (path 2) on the
+    # eligible count of the whole index, others stay on the probe (path 1)
+    iw = _search.eligibility_words(ivf, allow, B)
+    opts = dict(filter=fl, nprobe=3, rerank=2, min_eligible_factor=4.0)
+    want = st.search(ivf, q, K, iw, **opts)
+    same(sh.sharded_search(sv, q, K, iw, **opts), want, "ivf, filters")
+    assert set(np.asarray(want.path).tolist()) == {1, 2}, want.path
+    # tombstones: only the live words are re-sharded
+    ivf2, _ = fr.delete(ivf, fr.create_fresh(ivf, 8), ids[:300])
+    res = sh.sharded_search(sh.shard_live(sv, ivf2.live), q, K, a1, nprobe=3)
+    same(res, st.search(ivf2, q, K, a1, nprobe=3), "ivf, tombstones")
+    assert not np.isin(np.asarray(res.ids), ids[:300]).any()
     print("SHARDED-OK")
 """)
 
@@ -87,11 +112,18 @@ def test_errors_and_single_device_mesh():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((200, 8)).astype(np.float32)
     mesh = Mesh(np.array(jax.devices()[:1]), ("items",))
-    with pytest.raises(ValueError, match="flat"):
-        sh.shard_index(st.build_index(x, num_clusters=4, ivf_block=32), mesh)
+    ivf = st.build_index(x, num_clusters=4, ivf_block=32)
+    sv = sh.shard_index(ivf, mesh)                           # one device: the source layout
+    np.testing.assert_array_equal(np.asarray(sv.codes), np.asarray(ivf.items.codes))
+    with pytest.raises(ValueError, match="nprobe must be"):
+        sh.sharded_search(sv, x[:2], 3, nprobe=5)
+    with pytest.raises(ValueError, match=r"live must be u32\[32\]"):
+        sh.shard_live(sv, np.zeros(3, np.uint32))
     with pytest.raises(ValueError, match="not an axis"):
         sh.shard_index(st.build_index(x), mesh, axis="rows")
     si = sh.shard_index(st.build_index(x), mesh)
+    with pytest.raises(ValueError, match="nprobe needs an IVF"):
+        sh.sharded_search(si, x[:2], 3, nprobe=2)
     with pytest.raises(ValueError, match="attributes"):
         sh.sharded_search(si, x[:2], 3, filter="tag:a")
     with pytest.raises(ValueError, match="rerank needs"):
