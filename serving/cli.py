@@ -81,6 +81,9 @@ def register(subparsers) -> None:
     s.add_argument("--no-durable", dest="durable", action="store_false",
                    help="keep /v1/items updates in memory only (default: journal them in "
                         "the bundle so restarts keep them)")
+    s.add_argument("--shard", action="store_true",
+                   help="shard the main index over all local devices (jax.devices()); "
+                        "results equal the unsharded graph")
     s.add_argument("--auto-compact", type=float, default=0.8,
                    help="compact in the background once this fraction of the fresh index is "
                         "used (0: only POST /v1/admin/compact)")
@@ -167,6 +170,11 @@ def _serve(args) -> int:
             return 2
     if args.fresh_capacity is not None:
         kw["fresh_capacity"] = args.fresh_capacity
+    if args.shard:
+        import jax
+        import numpy as np
+        from jax.sharding import Mesh
+        kw["mesh"] = Mesh(np.array(jax.devices()), ("items",))
     cfg = ServerConfig(bundle=args.bundle, max_batch=args.max_batch,
                        max_wait_ms=args.max_wait_ms, queue=args.queue,
                        max_users=args.max_users, max_k=args.max_k, poll_s=args.poll_s,
