@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,22 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 FILTER = "bucket:3"                  # one of 10 equally likely values: a 10 % filter
-
-
-def machine_info() -> dict:
-    import jax
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = jax.devices()[0]
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": dev.platform,
-            "device": dev.device_kind, "python": platform.python_version(),
-            "jax": jax.__version__, "numpy": np.__version__}
 
 
 def build(args, out_dir: str) -> dict:
@@ -162,6 +145,7 @@ def main(argv=None) -> dict:
         worker(args)
         return {}
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from bench.ann import machine_info
     from st_jax._atomic import write_json_atomic
 
     results = []

@@ -130,7 +130,51 @@ def serve():
     return "\n".join(out)
 
 
+def server():
+    d = _load("server_cpu.json")
+    if not d:
+        return ""
+    p = d["params"]
+    out = [f"**HTTP server** (`bench/server.py`: `st-jax serve` on loopback, {p['items']:,} "
+           f"items, closed-loop clients, half the requests with a ~10 % filter; {_machine(d)})",
+           "", "| clients | requests | QPS | p50 ms | p99 ms | users per graph call | errors |",
+           "|---|---|---|---|---|---|---|"]
+    for r in d["levels"]:
+        out.append(f"| {r['clients']} | {r['requests']} | {r['qps']:,.0f} | {r['p50_ms']:.1f} | "
+                   f"{r['p99_ms']:.1f} | {r['mean_batch_users']:.1f} | {r['errors']} |")
+    if d.get("updates"):
+        out += ["", "| `POST /v1/items` (journaled, fsynced) | requests | items/s | p50 ms | "
+                "p99 ms | errors |", "|---|---|---|---|---|---|"]
+        for name, r in d["updates"].items():
+            out.append(f"| {name.replace('_', ' ')} | {r['requests']} | {r['items_per_s']:,.0f}"
+                       f" | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
+    c = d.get("compaction")
+    if c:
+        out += ["", f"Compaction (`POST /v1/admin/compact`) of {c['updates_folded']} journaled "
+                f"updates: new version written in {c['seconds_write_version']:.1f} s, served "
+                f"after {c['seconds_total']:.1f} s (load and warm-up included)."]
+    return "\n".join(out)
+
+
+def shard():
+    d = _load("shard_cpu.json")
+    if not d:
+        return ""
+    p = d["params"]
+    out = [f"**Sharded search** (`bench/shard.py`: {p['items']:,} x {p['dim']}, B = "
+           f"{p['batch']}, k = {p['k']}, IVF {p['clusters']} clusters / nprobe {p['nprobe']}; "
+           f"forced CPU host devices sharing the machine's cores; {_machine(d)})", "",
+           "| devices | index | filter | sharded QPS | single-device QPS | recall vs single | "
+           "scores and paths equal |", "|---|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        out.append(f"| {r['devices']} | {r['index']} | {r['filter']} | "
+                   f"{r['sharded_qps']:,.0f} | {r['single_device_qps']:,.0f} | "
+                   f"{r['recall_vs_single']:.3f} | "
+                   f"{'yes' if r['scores_equal'] and r['paths_equal'] else 'no'} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    for table in (ann(), filter_search(), ivf(), train(), serve()):
+    for table in (ann(), filter_search(), ivf(), train(), serve(), server(), shard()):
         if table:
             print(table + "\n")
