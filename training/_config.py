@@ -79,6 +79,9 @@ class TrainConfig:
             data["synthetic"] = SyntheticConfig(**data["synthetic"])
         tower = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("tower", {}).items()}
         oa = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("overarch", {}).items()}
+        # configs written before `cosine_decay` existed trained at a constant rate: resuming
+        # or reproducing them keeps that
+        oa.setdefault("cosine_decay", False)
         return cls(data=DataConfig(**data), tower=TowerConfig(**tower),
                    overarch=OverArchConfig(**oa), **d)
 

@@ -116,9 +116,17 @@ def _two_tower_step_cached(graphs, lr, wd, task_weights, learn_temperature):
                                jnp.asarray(task_weights, jnp.float32), learn_temperature)
 
 
+def _overarch_tx(lr: float, decay_steps: int):
+    """AdamW; with ``decay_steps > 0`` the learning rate follows a cosine from ``lr`` to 0 over
+    that many steps."""
+    if decay_steps > 0:
+        lr = optax.cosine_decay_schedule(lr, decay_steps)
+    return optax.adamw(lr, weight_decay=1e-4)
+
+
 @functools.lru_cache(maxsize=16)
-def _overarch_step_cached(graphs, lr, listwise_weight, listwise_all_tasks=False):
-    return make_overarch_step(graphs, optax.adamw(lr, weight_decay=1e-4), listwise_weight,
+def _overarch_step_cached(graphs, lr, decay_steps, listwise_weight, listwise_all_tasks=False):
+    return make_overarch_step(graphs, _overarch_tx(lr, decay_steps), listwise_weight,
                               listwise_all_tasks)
 
 
@@ -127,7 +135,8 @@ def two_tower_optimizer(config: TrainConfig):
 
 
 def overarch_optimizer(config: TrainConfig):
-    return optax.adamw(config.overarch.learning_rate, weight_decay=1e-4)
+    oa = config.overarch
+    return _overarch_tx(oa.learning_rate, oa.steps if oa.cosine_decay else 0)
 
 
 
@@ -383,6 +392,7 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None,
             pool = hard_candidate_pool(user_emb, item_emb, seen, config.overarch.hard_pool)
             batches = _OverArchBatches(ds, oa_positives, pool, config.overarch, config.seed)
             step_fn = _overarch_step_cached(graphs, config.overarch.learning_rate,
+                                            s2 if config.overarch.cosine_decay else 0,
                                             config.overarch.listwise_weight,
                                             config.overarch.listwise_all_tasks)
             ue, ie = jnp.asarray(user_emb), jnp.asarray(item_emb)

@@ -7,7 +7,8 @@ import pytest
 
 import training
 from training import Interactions, OverArchConfig
-from training._train import _OverArchBatches, hard_candidate_pool, overarch_holdout
+from training._train import (_OverArchBatches, hard_candidate_pool, overarch_holdout,
+                             overarch_optimizer)
 
 
 def _interactions(users, items, ts):
@@ -61,7 +62,7 @@ def test_hard_negatives_come_from_the_requested_ranks(tiny_dataset):
 @pytest.mark.parametrize("kw, match", [
     ({"hard_rank_min": 20}, "hard_rank_min"), ({"hard_rank_min": -1}, "hard_rank_min"),
     ({"holdout": -1}, "holdout"), ({"holdout": 1.5}, "holdout"), ({"num_hard": -2}, "num_hard"),
-    ({"hard_pool": 0}, "hard_pool"),
+    ({"hard_pool": 0}, "hard_pool"), ({"cosine_decay": 1}, "cosine_decay"),
 ])
 def test_bad_recipe_values_raise(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -78,3 +79,29 @@ def test_holdout_changes_the_towers_and_is_deterministic(tiny_config, tiny_datas
                   for m in (a, b, model))
     np.testing.assert_array_equal(ua, ub)
     assert not np.array_equal(ua, um)
+
+
+@pytest.mark.parametrize("decay", [True, False])
+def test_cosine_decay_brings_the_overarch_learning_rate_to_zero(tiny_config, decay):
+    cfg = tiny_config.replace(overarch=dataclasses.replace(tiny_config.overarch, steps=4,
+                                                           cosine_decay=decay))
+    tx = overarch_optimizer(cfg)
+    params = {"w": np.ones(3, np.float32)}
+    state = tx.init(params)
+    sizes = []
+    for _ in range(5):
+        updates, state = tx.update({"w": np.ones(3, np.float32)}, state, params)
+        sizes.append(float(np.abs(updates["w"]).max()))
+    assert sizes[0] > 0
+    if decay:                                   # strictly decreasing, zero after `steps` steps
+        assert all(a > b for a, b in zip(sizes[:4], sizes[1:4])) and sizes[4] == 0.0
+    else:
+        assert min(sizes) > 0.5 * sizes[0]
+
+
+def test_configs_without_cosine_decay_keep_the_constant_rate(tiny_config):
+    assert training.OverArchConfig().cosine_decay
+    d = tiny_config.to_json()
+    del d["overarch"]["cosine_decay"]
+    assert training.TrainConfig.from_json(d).overarch.cosine_decay is False
+    assert training.TrainConfig.from_json(tiny_config.to_json()) == tiny_config
