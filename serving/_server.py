@@ -563,14 +563,15 @@ def _swap_report(old, new) -> dict:
     if old is None or not hasattr(old, "fresh_stats"):
         return {}
     st = old.fresh_stats()
+    data = getattr(new, "data", None)
+    source = data.manifest["index"].get("compacted_from") if data is not None else None
+    folded_old = source is not None and source == os.path.basename(getattr(old, "path", ""))
     out = {}
-    if not st.get("durable", False):
+    if not st.get("durable", False) and not folded_old:     # in memory only: not carried
         out["item_updates_discarded"] = int(st.get("updates", 0) - st.get("replayed", 0))
     base, seq = getattr(old, "journal_seq", 0), getattr(new, "journal_seq", 0)
     if seq > base:
-        compacted = bool(getattr(new, "data", None) and
-                         new.data.manifest["index"].get("compacted_from"))
-        out["item_updates_folded" if compacted else "item_updates_superseded"] = seq - base
+        out["item_updates_folded" if source else "item_updates_superseded"] = seq - base
     return out
 
 

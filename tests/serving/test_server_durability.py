@@ -199,3 +199,23 @@ def test_auto_compaction_when_the_fresh_index_fills(bundle, tiny_model):
                 set(new_ids)
     finally:
         st.stop()
+
+
+def test_swap_report_names_what_happens_to_served_updates():
+    from types import SimpleNamespace as NS
+
+    from serving._server import _swap_report
+
+    def old(durable, updates=3, replayed=0):
+        return NS(path="/b/versions/v000001", journal_seq=2,
+                  fresh_stats=lambda: {"durable": durable, "updates": updates,
+                                       "replayed": replayed})
+
+    def new(compacted_from, seq):
+        return NS(journal_seq=seq, data=NS(manifest={"index": {"compacted_from":
+                                                               compacted_from}}))
+
+    assert _swap_report(old(True), new("v000001", 5)) == {"item_updates_folded": 3}
+    assert _swap_report(old(True), new(None, 5)) == {"item_updates_superseded": 3}
+    assert _swap_report(old(False), new("v000001", 2)) == {}          # folded from memory
+    assert _swap_report(old(False, 4, 1), new(None, 2)) == {"item_updates_discarded": 3}
