@@ -294,6 +294,15 @@ def _field_pairs_slow(name: str, values: Sequence[Any]
             np.asarray(local, np.int64))
 
 
+def segment_positions(start: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """Host: the positions ``i64[sum(length)]`` of CSR segments ``[start, start + length)``,
+    concatenated in order (e.g. the Bloom term lists of some items in ``item_terms``)."""
+    start = np.asarray(start, np.int64)
+    length = np.asarray(length, np.int64)
+    first = np.repeat(start - (np.cumsum(length) - length), length)
+    return first + np.arange(int(length.sum()), dtype=np.int64)
+
+
 def _pack_bits(row_idx: np.ndarray, item_idx: np.ndarray, num_rows: int, n_pad: int,
                chunk: int = 1 << 15) -> np.ndarray:
     """Set bits (row, item) of a bit-sliced ``u32[num_rows, n_pad // 32]`` matrix."""

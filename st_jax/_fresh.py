@@ -61,7 +61,8 @@ from jax import lax
 
 from pallas_kernels.int8_topk import NEG_INF, pack_mask, padded_rows
 from st_jax._filter_index import (FIRST_EXACT_ROW, VALID_ROW, FilterIndex, FilterSchema,
-                                  _field_pairs, bloom_positions, compile_filter)
+                                  _field_pairs, bloom_positions, compile_filter,
+                                  segment_positions)
 from st_jax._filter_lang import TERM_BLOOM, TERM_EXACT
 from st_jax._index import CACHE_DTYPES, Index, build_index
 from st_jax._quant import quantize_int8
@@ -578,11 +579,10 @@ def _main_pairs(main: Index, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if n:
         bounds = _take(fi.item_offsets, np.concatenate([rows, rows + 1])).astype(np.int64)
         start, length = bounds[:n], bounds[n:] - bounds[:n]
-        total = int(length.sum())
-        if total:
-            first = np.repeat(start - (np.cumsum(length) - length), length)
+        if length.sum():
             items.append(np.repeat(np.arange(n, dtype=np.int64), length))
-            terms.append(_take(fi.item_terms, first + np.arange(total)).astype(np.int64))
+            terms.append(_take(fi.item_terms, segment_positions(start, length)
+                               ).astype(np.int64))
     return np.concatenate(items), np.concatenate(terms)
 
 

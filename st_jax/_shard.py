@@ -61,7 +61,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pallas_kernels.int8_topk import NEG_INF, pack_mask, padded_rows
-from st_jax._filter_index import FilterIndex, filter_mask
+from st_jax._filter_index import FilterIndex, filter_mask, segment_positions
 from st_jax._index import Index
 from st_jax._ivf import IVF
 from st_jax._search import (_int8_candidates, check_options, check_queries, exclusion_words,
@@ -268,11 +268,9 @@ def shard_index(index: Index, mesh: Mesh, axis: str | None = None) -> ShardedInd
             return np.concatenate([[0], np.cumsum(spans(i)[1])])[None]
 
         def local_terms(i):
-            start, length = spans(i)
-            nnz = int(length.sum())
-            first = np.repeat(start - (np.cumsum(length) - length), length)
+            pos = segment_positions(*spans(i))
             out_t = np.full((1, tmax), -2, np.int32)
-            out_t[0, :nnz] = terms[first + np.arange(nnz)]
+            out_t[0, :pos.size] = terms[pos]
             return out_t
 
         out["filter_rows"] = _put_shards(lambda i: _gather(frows, *words_of(i), axis=1),
