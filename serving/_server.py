@@ -780,6 +780,7 @@ class Server:
                          cap, rep["bundle_version"])
             except HTTPError as e:               # another one started first, or it failed
                 log.warning("auto-compaction did not run: %s", e)
+        self._tasks = [t for t in self._tasks if not t.done()]      # finished compactions
         self._tasks.append(asyncio.create_task(run(), name="auto-compact"))
 
     # --- plumbing -----------------------------------------------------------------------------
