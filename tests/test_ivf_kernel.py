@@ -78,6 +78,25 @@ def test_saturated_group_is_still_exact(rng):
     ids_match(got, brute(q, codes, scale, blocks, bits, 40, 64))
 
 
+@pytest.mark.parametrize("step_items,k", [(64, 5), (128, 100), (192, 300), (1 << 15, 64)])
+def test_twin_steps_and_segments_match_brute_force(rng, step_items, k):
+    """The twin's loop over (query, live block) pairs: steps that cut across queries,
+    queries whose live blocks differ in number (none, a few, all), every top_k size."""
+    b, p, nb, d = 5, 24, 60, 48
+    q, codes, scale, _, _, _ = make(rng, b=b, nb=nb, d=d, p=p)
+    blocks = unique_blocks(rng, b, nb, p)
+    density = np.array([0.5, 0.0, 0.02, 1.0, 0.2])[:, None, None]
+    bits = rng.random((b, p, 64)) < density
+    bits[4, :20] = False                         # query 4: live blocks only at the end
+    pm = jnp.asarray(np.packbits(bits, axis=-1, bitorder="little").view(np.uint32))
+    got = ivf_topk_reference(q, codes, scale, blocks, pm, k=k, block=64,
+                             step_items=step_items)
+    want = brute(q, codes, scale, blocks, bits, k, 64)
+    np.testing.assert_array_equal(np.asarray(got[0]), want[0])
+    ids_match(tuple(map(np.asarray, got)), want)
+    assert np.all(np.asarray(got[1])[1] == -1)   # query 1 has nothing eligible
+
+
 def test_dispatcher_and_errors(rng):
     q, codes, scale, blocks, pm, _ = make(rng)
     a = ivf_topk(q, codes, scale, blocks, pm, k=7, block=64)
