@@ -160,8 +160,8 @@ def _fresh_topk(spec: GraphSpec, store, q, t: int, inputs: dict, k0: int):
 
 
 def _main_topk(spec: GraphSpec, index, q, t: int, inputs: dict, prog, k0: int):
-    """Unsharded main index: ``(f32[T*B, k0], rows i32[T*B, k0], ids, emb f32[T*B, k0, D],
-    path i32[T*B])``."""
+    """Unsharded main index: ``(f32[T*B, k0], rows i32[T*B, k0], ids, path i32[T*B])``
+    (embeddings are gathered once the candidates are merged)."""
     mask = None
     if "exclude" in inputs:
         mask = exclusion_words(inputs["exclude"], index.num_words)               # [B, W]
@@ -182,7 +182,7 @@ def _main_topk(spec: GraphSpec, index, q, t: int, inputs: dict, prog, k0: int):
     safe = jnp.clip(rows, 0, index.num_rows - 1)
     pos = safe if index.perm is None else index.perm[safe]
     ids = pos if index.ids is None else index.ids[jnp.maximum(pos, 0)]
-    return vals, rows, ids, index.cache[safe].astype(jnp.float32), path
+    return vals, rows, ids, path
 
 
 def retrieve_stage(spec: GraphSpec, indexes, u, inputs: dict, k0: int):
@@ -202,26 +202,36 @@ def retrieve_stage(spec: GraphSpec, indexes, u, inputs: dict, k0: int):
             with_cache=True)
         emb = emb.astype(jnp.float32)
     else:
-        vals, rows, ids, emb, path = _main_topk(spec, index, q, t, inputs, prog, k0)
+        vals, rows, ids, path = _main_topk(spec, index, q, t, inputs, prog, k0)
+        emb = None                         # gathered from the merged rows below
+    num_main = index.num_rows
     if store is not None:
         fv, fs = _fresh_topk(spec, store, q, t, inputs, k0)
         slot = jnp.clip(fs, 0, store.num_rows - 1)
         allv = jnp.concatenate([vals, fv], axis=1)
-        allr = jnp.concatenate([rows, jnp.where(fs >= 0, fs + index.num_rows, -1)], axis=1)
+        allr = jnp.concatenate([rows, jnp.where(fs >= 0, fs + num_main, -1)], axis=1)
         alli = jnp.concatenate([ids, store.ids[slot].astype(ids.dtype)], axis=1)
-        alle = jnp.concatenate([emb, store.cache[slot].astype(jnp.float32)], axis=1)
         vals, pos = lax.top_k(allv, k0)
         rows = jnp.where(vals > NEG_INF, jnp.take_along_axis(allr, pos, axis=1), -1)
         ids = jnp.take_along_axis(alli, pos, axis=1)
-        emb = jnp.take_along_axis(alle, pos[..., None], axis=1)
+        if emb is not None:
+            alle = jnp.concatenate([emb, store.cache[slot].astype(emb.dtype)], axis=1)
+            emb = jnp.take_along_axis(alle, pos[..., None], axis=1)
 
     def per_user(x):                                 # [T*B, k0, ...] -> [B, T*k0, ...]
         x = x.reshape((t, b, k0) + x.shape[2:]).swapaxes(0, 1)
         return x.reshape((b, t * k0) + x.shape[3:])
 
     rows, order = merge_candidates(per_user(rows), t, spec.merge, with_order=True)
-    cand = Candidates(rows=rows, ids=jnp.take_along_axis(per_user(ids), order, axis=1),
-                      emb=jnp.take_along_axis(per_user(emb), order[..., None], axis=1))
+    ids = jnp.take_along_axis(per_user(ids), order, axis=1)
+    if emb is not None:                              # sharded: embeddings came from the shards
+        emb = jnp.take_along_axis(per_user(emb), order[..., None], axis=1)
+    else:                  # one gather of the merged candidates (main rows, then fresh slots)
+        emb = index.cache[jnp.clip(rows, 0, num_main - 1)]
+        if store is not None:
+            fresh = store.cache[jnp.clip(rows - num_main, 0, store.num_rows - 1)]
+            emb = jnp.where((rows >= num_main)[..., None], fresh, emb)
+    cand = Candidates(rows=rows, ids=ids, emb=emb.astype(jnp.float32))
     return cand, path.reshape(t, b).T
 
 
