@@ -4,7 +4,8 @@ N items x D dims (default 1M x 128, 1024 lists), batch 32, k in {100, 1024}; fil
 uniform random with pass rates 100 / 10 / 1 / 0.1 % and a cluster-correlated ~1 % filter
 (all eligible items in a few planted clusters). For each configuration and probe width:
 recall@k against the exact float32 filtered top-k (normalised by min(k, eligible)), slots
-filled, QPS (median of repeats after warm-up, methods timed in the same process), and for
+filled, QPS (median of repeats after warm-up; the methods of one probe width are
+sampled in interleaved rounds, so they see the same machine load), and for
 st_jax the fraction of queries answered by the flat fallback. Peers: faiss
 IndexIVFScalarQuantizer(QT_8bit) with SearchParametersIVF(sel=, nprobe=), IndexHNSWFlat(32)
 with SearchParametersHNSW(sel=, efSearch=). Writes bench/results/ivf_<platform>.json and a
@@ -27,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import st_jax as st  # noqa: E402
 from bench.ann import RESULTS, machine_info, write_json  # noqa: E402
-from st_jax._timing import median_seconds  # noqa: E402
+from st_jax._timing import interleaved_medians  # noqa: E402
 from st_jax.synthetic import clustered_catalogue, recall  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def main(argv=None):
     ap.add_argument("--nprobes", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     ap.add_argument("--efs", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--rerank", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--no-hnsw", action="store_true")
     args = ap.parse_args(argv)
     faiss.omp_set_num_threads(faiss.omp_get_max_threads())
@@ -97,39 +98,47 @@ def main(argv=None):
             truth = (flat.search(q, k) if sel is None else
                      flat.search(q, k, params=faiss.SearchParameters(sel=sel)))[1]
 
-            def record(method, knob, fn, extra=None):
-                sec = median_seconds(fn, args.repeats)
-                ids = fn()
-                row = {"filter": fname, "eligible": eligible, "k": k, "method": method,
-                       "knob": knob, "recall": recall(ids, truth),
-                       "slots_filled": float((ids >= 0).sum(1).mean()) / denom,
-                       "qps": args.batch / sec, "ms_per_batch": sec * 1e3} | (extra or {})
-                rows.append(row)
-                print(f"{fname:>22} k={k:<5} {method:>14} {knob:>12}: recall "
-                      f"{row['recall']:.3f} filled {row['slots_filled']:.2f} "
-                      f"{row['qps']:8.0f} QPS" + (f" fallback {extra['fallback']:.2f}"
-                                                   if extra else ""), flush=True)
+            def record(group):
+                """``group``: (method, knob, fn, extra) timed together, interleaved."""
+                secs = interleaved_medians({(m, kn): fn for m, kn, fn, _ in group},
+                                           args.repeats)
+                for method, knob, fn, extra in group:
+                    sec = secs[(method, knob)]
+                    ids = fn()
+                    row = {"filter": fname, "eligible": eligible, "k": k, "method": method,
+                           "knob": knob, "recall": recall(ids, truth),
+                           "slots_filled": float((ids >= 0).sum(1).mean()) / denom,
+                           "qps": args.batch / sec, "ms_per_batch": sec * 1e3} | (extra or {})
+                    rows.append(row)
+                    print(f"{fname:>22} k={k:<5} {method:>14} {knob:>12}: recall "
+                          f"{row['recall']:.3f} filled {row['slots_filled']:.2f} "
+                          f"{row['qps']:8.0f} QPS" + (f" fallback {extra['fallback']:.2f}"
+                                                       if extra else ""), flush=True)
 
             for nprobe in args.nprobes:
+                group = []
                 for rr in (None, args.rerank):
                     def run_st(nprobe=nprobe, rr=rr):
                         return np.asarray(jax.block_until_ready(
                             st.search(index, q, k, allow, nprobe=nprobe, rerank=rr)).ids)
                     res = st.search(index, q, k, allow, nprobe=nprobe, rerank=rr)
                     fb = float((np.asarray(res.path) == 2).mean())
-                    record("st_jax" + (f"+rerank{rr}" if rr else ""), f"nprobe={nprobe}",
-                           run_st, {"fallback": fb})
+                    group.append(("st_jax" + (f"+rerank{rr}" if rr else ""),
+                                  f"nprobe={nprobe}", run_st, {"fallback": fb}))
                 params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe) if sel else \
                     faiss.SearchParametersIVF(nprobe=nprobe)
-                record("faiss_ivf_sq8", f"nprobe={nprobe}",
-                       lambda params=params: ivf.search(q, k, params=params)[1])
+                group.append(("faiss_ivf_sq8", f"nprobe={nprobe}",
+                              lambda params=params: ivf.search(q, k, params=params)[1], None))
+                record(group)
             if hnsw is not None:
-                for ef in args.efs:
-                    ef = max(ef, k)
+                group = []
+                for ef in sorted({max(ef, k) for ef in args.efs}):
                     params = faiss.SearchParametersHNSW(sel=sel, efSearch=ef) if sel else \
                         faiss.SearchParametersHNSW(efSearch=ef)
-                    record("faiss_hnsw32", f"ef={ef}",
-                           lambda params=params: hnsw.search(q, k, params=params)[1])
+                    group.append(("faiss_hnsw32", f"ef={ef}",
+                                  lambda params=params: hnsw.search(q, k, params=params)[1],
+                                  None))
+                record(group)
 
     payload = {"benchmark": "ivf", "machine": machine_info(),
                "params": vars(args) | {"data": "clustered_catalogue(seed=0)",
