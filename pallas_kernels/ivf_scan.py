@@ -8,7 +8,8 @@ Output: ``(scores f32[B, k], rows i32[B, k])`` in storage rows, -inf / -1 padded
 
 - :func:`ivf_topk_pallas` (Triton): grid (query, group of ``group`` probed blocks). Each step
   gathers its blocks' rows straight from the item matrix in HBM (no gathered temporary),
-  scores them against the query, applies the partial mask and keeps its best ``m``; the
+  scores them against the query, applies the partial mask and keeps its best ``m``; blocks
+  without an eligible item are moved to the end and steps made only of them read nothing; the
   candidates are merged exactly as in :mod:`pallas_kernels.int8_topk` (saturation check and
   escalation, so the result is exact).
 - :func:`ivf_topk_reference` (XLA, fast on CPU): one loop over the batch's (query, probed
@@ -161,7 +162,26 @@ def _ivf_kernel(qc_ref, qs_ref, blk_ref, pm_ref, codes_ref, scale_ref, ov_ref, o
     step's partial mask words), codes_ref i8[n_rows, Dp] and scale_ref f32[n_rows] (whole
     arrays in HBM, gathered by row index), ov_ref / oi_ref: [m] candidates, or [G, block]
     when ``m == G * block``.
+
+    A step whose mask words are all zero (no eligible item: filtered out, or padding) reads
+    no item rows and writes empty candidates.
     """
+    live = jnp.sum((pm_ref[...] != 0).astype(jnp.int32)) > 0
+
+    @pl.when(live)
+    def _():
+        _ivf_step(qc_ref, qs_ref, blk_ref, pm_ref, codes_ref, scale_ref, ov_ref, oi_ref,
+                  block=block, group=group, m=m, chunk_d=chunk_d)
+
+    @pl.when(jnp.logical_not(live))
+    def _():
+        ov_ref[...] = jnp.full(ov_ref.shape, NEG_INF, jnp.float32)
+        oi_ref[...] = jnp.full(oi_ref.shape, -1, jnp.int32)
+
+
+def _ivf_step(qc_ref, qs_ref, blk_ref, pm_ref, codes_ref, scale_ref, ov_ref, oi_ref, *,
+              block: int, group: int, m: int, chunk_d: int):
+    """The work of a grid step of :func:`_ivf_kernel` with at least one eligible item."""
     dp = qc_ref.shape[0]
     g_i = lax.broadcasted_iota(jnp.int32, (group, block), 0)
     l_i = lax.broadcasted_iota(jnp.int32, (group, block), 1)
@@ -226,6 +246,11 @@ def ivf_topk_pallas(q, codes, scale, blocks, pmask, *, k: int, block: int, group
         codes = jnp.pad(codes, ((0, 0), (0, dp - d)))
         q = jnp.pad(q, ((0, 0), (0, dp - d)))
     qc, qs = quantize_rows(q)
+    # probe-then-filter: each query's blocks holding an eligible item first (stable), so
+    # the steps past them have all-zero masks and are skipped inside the kernel
+    order = jnp.argsort(~jnp.any(pmask != 0, axis=-1), axis=1, stable=True)
+    blocks = jnp.take_along_axis(blocks, order, axis=1)
+    pmask = jnp.take_along_axis(pmask, order[:, :, None], axis=1)
     p_pad = max(group, -(-p // group) * group)
     blocks = jnp.pad(blocks, ((0, 0), (0, p_pad - p)))
     wpb = block // 32
