@@ -155,8 +155,6 @@ def _int8_candidates(index: Index, q, mask, prog, *, k: int, kk: int, nprobe: in
             fw = filter_mask(index.filters, prog, word_ids=jnp.where(
                 jnp.repeat(valid, wpb, axis=1), wids, -1), backend=backend)
             pm = pm & fw.reshape(pm.shape)
-        vals, rows = ivf_topk(q, codes, scale, blocks, pm, k=kk, block=ivf.block,
-                              backend=backend)
         in_probe = jnp.sum(lax.population_count(pm).astype(jnp.int32), axis=(1, 2))
         total = _popcount_rows(mask, b)
         if axis_name is not None:                   # counts over the whole (sharded) index
@@ -164,9 +162,19 @@ def _int8_candidates(index: Index, q, mask, prog, *, k: int, kk: int, nprobe: in
             total = lax.psum(total, axis_name)
         need = jnp.minimum(jnp.int32(int(np.ceil(min_eligible_factor * k))), total)
         starved = in_probe < need
-        fv, fr = lax.cond(jnp.any(starved), flat, lambda: (vals, rows))
-        vals = jnp.where(starved[:, None], fv, vals)
-        rows = jnp.where(starved[:, None], fr, rows)
+
+        def probe():                 # starved queries' blocks are masked out: never read
+            return ivf_topk(q, codes, scale, blocks,
+                            jnp.where(starved[:, None, None], jnp.uint32(0), pm),
+                            k=kk, block=ivf.block, backend=backend)
+
+        def mixed():
+            (pv, pr), (fv, fr) = probe(), flat()
+            return (jnp.where(starved[:, None], fv, pv), jnp.where(starved[:, None], fr, pr))
+
+        # 0: no query starved (probe only), 1: all (flat scan only), 2: some (both)
+        branch = jnp.where(jnp.all(starved), 1, jnp.where(jnp.any(starved), 2, 0))
+        vals, rows = lax.switch(branch, [probe, flat, mixed])
         path = jnp.where(starved, PATH_FALLBACK, PATH_IVF).astype(jnp.int32)
     else:
         vals, rows = flat()
