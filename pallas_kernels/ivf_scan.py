@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.int8_topk import (_EXACT_F32_D, BACKENDS, NEG_INF, exact_topk_from_tiles,
+from pallas_kernels.int8_topk import (BACKENDS, NEG_INF, exact_row_dot, exact_topk_from_tiles,
                                       padded_dim, quantize_rows)
 
 
@@ -46,27 +46,6 @@ def _check(q, codes, scale, blocks, pmask, k, block):
         raise ValueError(f"scale must be f32[{codes.shape[0]}]; got {scale.shape}")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int; got {k!r}")
-
-
-def _block_scores(qf, codes_b, blk):
-    """Exact integer dot products ``f32[G, block]`` of quantised queries ``qf f32[G, D]``
-    (int8 values) with the item blocks ``blk i32[G]`` of ``codes_b i8[n_blocks, block, D]``.
-
-    An elementwise product and a row sum in f32, which XLA:CPU fuses with the int8 → f32
-    conversion (measured ~2x a bf16 matrix-vector product per query, which materialises the
-    converted rows). Exact while the sum stays below 2**24 (D <= 1024); longer rows add exact
-    partial sums in int32.
-    """
-    d = codes_b.shape[-1]
-    x = codes_b[blk]
-    if d <= _EXACT_F32_D:
-        return jnp.sum(x.astype(jnp.float32) * qf[:, None, :], axis=-1)
-    acc = None
-    for s0 in range(0, d, _EXACT_F32_D):
-        part = jnp.sum(x[..., s0:s0 + _EXACT_F32_D].astype(jnp.float32)
-                       * qf[:, None, s0:s0 + _EXACT_F32_D], axis=-1).astype(jnp.int32)
-        acc = part if acc is None else acc + part
-    return acc.astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block", "step_items"))
@@ -112,7 +91,7 @@ def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
         blk = lax.dynamic_slice_in_dim(pair_blk, i * g, g)
         qq = lax.dynamic_slice_in_dim(pair_q, i * g, g)
         m = lax.dynamic_slice_in_dim(pair_m, i * g, g)
-        s = (_block_scores(qf[qq], codes_b, blk) * scale_b[blk]) * qs[qq][:, None]
+        s = (exact_row_dot(codes_b[blk], qf[qq][:, None, :]) * scale_b[blk]) * qs[qq][:, None]
         ok = ((m[..., None] >> bits) & 1).reshape(g, block).astype(bool)
         return lax.dynamic_update_slice_in_dim(buf, jnp.where(ok, s, NEG_INF), i * g, 0)
 
