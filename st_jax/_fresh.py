@@ -67,7 +67,7 @@ from st_jax._filter_lang import TERM_BLOOM, TERM_EXACT
 from st_jax._index import CACHE_DTYPES, Index, build_index
 from st_jax._quant import quantize_int8
 from st_jax._search import (_search_core, check_options, check_queries,
-                            eligibility_words, filter_program)
+                            eligibility_words, filter_program, float_scores)
 from st_jax._types import Int8Matrix, _static, pytree_dataclass
 
 __all__ = ["FreshIndex", "FreshVocab", "FreshSearchResult", "IndexFullError", "UnknownIdError",
@@ -836,8 +836,8 @@ def _merged_core(main: Index, store: Index, q, mask, prog, fmask, fprog, *, k: i
     src = jnp.take_along_axis(src, pos, axis=1)
     if rerank:                                 # as search(): exact scores of those kk, top k
         qf = q[:, :main.dim].astype(jnp.float32)
-        ex_m = jnp.einsum("bkd,bd->bk", main.cache[jnp.maximum(mr, 0)].astype(jnp.float32), qf)
-        ex_f = jnp.einsum("bkd,bd->bk", store.cache[jnp.maximum(fr, 0)].astype(jnp.float32), qf)
+        ex_m = float_scores(main.cache, mr, qf)
+        ex_f = float_scores(store.cache, fr, qf)
         exact = jnp.take_along_axis(jnp.concatenate([ex_m, ex_f], axis=1), pos, axis=1)
         exact = jnp.where(top > NEG_INF, exact, NEG_INF)
         top, p2 = lax.top_k(exact, k)

@@ -65,7 +65,7 @@ from st_jax._filter_index import FilterIndex, filter_mask, segment_positions
 from st_jax._index import Index
 from st_jax._ivf import IVF
 from st_jax._search import (_int8_candidates, check_options, check_queries, exclusion_words,
-                            filter_program)
+                            filter_program, float_scores)
 from st_jax._types import Int8Matrix, SearchResult, _static, pytree_dataclass
 
 __all__ = ["ShardedIndex", "shard_index", "sharded_search"]
@@ -426,8 +426,7 @@ def _sharded_core(sidx: ShardedIndex, q, mask, prog, exclude, *, k: int, nprobe:
         src = jnp.where(ok, _to_source(me, rows, sidx.block, s), -1)
         out = [vals, ids, src, path]
         if rerank:
-            x = a["cache"][safe].astype(jnp.float32)
-            exact = jnp.einsum("bkd,bd->bk", x, q[:, :sidx.dim].astype(jnp.float32))
+            exact = float_scores(a["cache"], safe, q[:, :sidx.dim].astype(jnp.float32))
             out.append(jnp.where(ok, exact, NEG_INF))
         if with_cache:
             out.append(a["cache"][safe])

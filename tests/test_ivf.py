@@ -103,8 +103,9 @@ def test_selective_filter_takes_the_flat_path(cat, index):
     assert recall(np.asarray(res.ids), truth) == 1.0
 
 
-def test_rerank_scores_are_exact(cat, index):
-    res = st.search(index, cat.queries, 5, nprobe=8, rerank=3)
+@pytest.mark.parametrize("k", [5, 200])      # 3 * 200 candidates: the CPU per-query path
+def test_rerank_scores_are_exact(cat, index, k):
+    res = st.search(index, cat.queries, k, nprobe=8, rerank=3)
     ids = np.asarray(res.ids)
     want = np.einsum("bkd,bd->bk", cat.embeddings[ids], cat.queries)
     np.testing.assert_allclose(np.asarray(res.scores), want, rtol=1e-5, atol=1e-5)

@@ -57,6 +57,8 @@ SCRIPT = textwrap.dedent("""
     allow = r.random((B, N)) < 0.4
     allow[3] = np.arange(N) % 2 == 1
     words = _search.eligibility_words(index, allow, B)        # per-query packed u32 words
+    same(sh.sharded_search(si, q, 200, rerank=3), st.search(index, q, 200, rerank=3),
+         "rerank of 600 candidates")
     want = st.search(index, q, K, words, filter=fl, rerank=3)
     same(sh.sharded_search(si, q, K, words, filter=fl, rerank=3), want,
          "per-query filters + rerank")
