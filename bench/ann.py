@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import st_jax as st  # noqa: E402
+from st_jax._timing import interleaved_medians  # noqa: E402
 from st_jax.synthetic import clustered_catalogue, recall  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -120,31 +120,27 @@ def main(argv=None) -> dict:
 
             t_flat = timed(lambda: run_faiss(flat), 1)
             truth = run_faiss(flat)[1]
-            res = run_st()                      # compile + warm-up
-            res_rr = run_rr()
-            run_faiss(sq8)                      # warm-up
-            t_st, t_rr, t_sq8 = [], [], []
-            for _ in range(args.repeats):      # alternate to share machine noise
-                t_st += timed(run_st, 1)
-                t_rr += timed(run_rr, 1)
-                t_sq8 += timed(lambda: run_faiss(sq8), 1)
+            res, res_rr = run_st(), run_rr()
+            # sampled in alternation, so both share the machine's noise
+            med = interleaved_medians({"st": run_st, "rr": run_rr,
+                                       "sq8": lambda: run_faiss(sq8)}, args.repeats)
             sq8_ids = run_faiss(sq8)[1]
             denom = min(k, eligible)
             row = {
                 "pass_rate": p, "eligible": eligible, "k": k,
                 "st_jax": {"recall": recall(np.asarray(res.ids), truth),
                            "slots_filled": float(np.asarray(res.count).mean()) / denom,
-                           "ms_per_batch": statistics.median(t_st) * 1e3,
-                           "qps": args.batch / statistics.median(t_st)},
+                           "ms_per_batch": med["st"] * 1e3,
+                           "qps": args.batch / med["st"]},
                 f"st_jax_rerank{args.rerank}": {
                     "recall": recall(np.asarray(res_rr.ids), truth),
                     "slots_filled": float(np.asarray(res_rr.count).mean()) / denom,
-                    "ms_per_batch": statistics.median(t_rr) * 1e3,
-                    "qps": args.batch / statistics.median(t_rr)},
+                    "ms_per_batch": med["rr"] * 1e3,
+                    "qps": args.batch / med["rr"]},
                 "faiss_sq8": {"recall": recall(sq8_ids, truth),
                               "slots_filled": float((sq8_ids >= 0).sum(1).mean()) / denom,
-                              "ms_per_batch": statistics.median(t_sq8) * 1e3,
-                              "qps": args.batch / statistics.median(t_sq8)},
+                              "ms_per_batch": med["sq8"] * 1e3,
+                              "qps": args.batch / med["sq8"]},
                 "faiss_flat": {"ms_per_batch": t_flat[0] * 1e3,
                                "qps": args.batch / t_flat[0]},
             }

@@ -62,8 +62,8 @@ def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
     number of pairs per step (gather, int8 → f32 and dot fused; large steps let XLA:CPU
     split the work over its threads), into a ``-inf``-initialised buffer. Each query's
     segment is then read back into ``[B, L]`` rows, ``L`` the smallest power-of-two number
-    of blocks (from ``P / 16``) that holds the longest segment (``lax.switch`` over static sizes), and
-    ``lax.top_k`` selects. Padding and filtered-out blocks cost nothing but the
+    of blocks (from ``P / 16``) that holds the longest segment (``lax.switch`` over static
+    sizes), and ``lax.top_k`` selects. Padding and filtered-out blocks cost nothing but the
     compaction, so a selective filter makes the scan cheaper, and queries with few live
     blocks do not wait for the others.
     """
