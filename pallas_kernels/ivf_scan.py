@@ -48,13 +48,25 @@ def _check(q, codes, scale, blocks, pmask, k, block):
         raise ValueError(f"k must be a positive int; got {k!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block", "step_items"))
+@functools.partial(jax.jit, static_argnames=("k", "block", "step_items", "by"))
 def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
-                       step_items: int = 32768):
+                       step_items: int = 32768, by: str = "auto"):
     """Plain-XLA twin of :func:`ivf_topk_pallas`, formulated to be fast on CPU.
 
     Args (beyond the module's contract):
       step_items: items scored per loop step (``step_items // block`` probed blocks).
+      by: ``"blocks"``, ``"items"`` or ``"auto"`` — how the eligible items are read (below).
+        Both give identical results (same scores, same order among ties); ``auto`` picks
+        ``items`` when every query's eligible items fit in a quarter of its probed items
+        and scoring them one by one costs at most half as much as the live blocks.
+
+    **Items** (selective partial masks): each query's eligible items are compacted, in
+    probe order, into ``[B, cap]`` storage rows (``cap`` a power of two from ``k``, chosen
+    by ``lax.switch``), scored one query at a time (gather, int8 → f32 and dot fused) and
+    selected by one ``lax.top_k``: with a 10 % filter this scores a tenth of the rows the
+    block scan reads.
+
+    **Blocks**:
 
     The (query, probed block) pairs of the whole batch whose partial mask has an eligible
     item are moved to the front of one list (stable, so each query's pairs stay contiguous
@@ -68,6 +80,8 @@ def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
     blocks do not wait for the others.
     """
     _check(q, codes, scale, blocks, pmask, k, block)
+    if by not in ("auto", "blocks", "items"):
+        raise ValueError(f"by must be 'auto', 'blocks' or 'items'; got {by!r}")
     b, p = blocks.shape
     d = codes.shape[1]
     qc, qs = quantize_rows(q)
@@ -96,7 +110,6 @@ def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
         return lax.dynamic_update_slice_in_dim(buf, jnp.where(ok, s, NEG_INF), i * g, 0)
 
     steps = (jnp.sum(count) + g - 1) // g
-    buf = lax.fori_loop(0, steps, body, jnp.full((n_steps * g, block), NEG_INF, jnp.float32))
 
     # top_k over each query's segment, read into rows of L = size blocks (static sizes)
     kk = min(k, p * block)
@@ -117,14 +130,82 @@ def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
                     jnp.pad(pos, ((0, 0), (0, extra))))
         return run
 
-    which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.max(count))
-    v, pos = lax.switch(which, [select(sz) for sz in sizes], buf)
-    rows = pair_blk[pos // block] * block + pos % block
+    def by_blocks():
+        buf = lax.fori_loop(0, steps, body,
+                            jnp.full((n_steps * g, block), NEG_INF, jnp.float32))
+        which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.max(count))
+        v, pos = lax.switch(which, [select(sz) for sz in sizes], buf)
+        return v, pair_blk[pos // block] * block + pos % block
+
+    elig = jnp.sum(lax.population_count(pmask).astype(jnp.int32), axis=(1, 2))      # [B]
+
+    def by_items(cap):
+        def run():
+            pos = set_bit_positions(pmask.reshape(b, -1), cap)
+            rows = jnp.take_along_axis(blocks, pos // block, axis=1) * block + pos % block
+            s = lax.map(lambda a: exact_row_dot(codes[a[0]], a[1]), (rows, qf))   # [B, cap]
+            s = (s * scale[rows]) * qs[:, None]
+            s = jnp.where(jnp.arange(cap)[None, :] < elig[:, None], s, NEG_INF)
+            v, i = lax.top_k(s, kk)
+            return v, jnp.take_along_axis(rows, i, axis=1)
+        return run
+
+    lo = max(kk, 128)
+    hi = {"auto": _pow2_floor(p * block // 4), "items": max(lo, _pow2_ceil(p * block)),
+          "blocks": 0}[by]
+    caps = [lo << i for i in range(32) if lo << i <= hi]
+    if not caps:
+        v, rows = by_blocks()
+    else:
+        ci = jnp.searchsorted(jnp.asarray(caps, jnp.int32), jnp.max(elig))  # first cap >= max
+        worth = ci < len(caps)
+        if by == "auto":
+            cap = jnp.asarray(caps + [caps[-1]], jnp.int32)[ci]
+            worth &= 2 * b * cap <= jnp.sum(count) * block
+        v, rows = lax.switch(jnp.where(worth, ci, len(caps)),
+                             [by_items(c) for c in caps] + [by_blocks])
     rows = jnp.where(v > NEG_INF, rows, -1)
     if v.shape[1] < k:
         v = jnp.pad(v, ((0, 0), (0, k - v.shape[1])), constant_values=NEG_INF)
         rows = jnp.pad(rows, ((0, 0), (0, k - rows.shape[1])), constant_values=-1)
     return v, rows.astype(jnp.int32)
+
+
+def set_bit_positions(words: jax.Array, cap: int) -> jax.Array:
+    """Positions of the set bits of each row, in order: ``u32[B, W]`` -> ``i32[B, cap]``.
+
+    Entry ``j`` of row ``b`` is the bit index (``32 * word + bit``) of the ``j``-th set bit;
+    entries past the row's popcount are unspecified (mask them). Word level first: each
+    non-empty word's first output slot gets its word index (a scatter of ``W`` values, not
+    of ``32 W`` bits) and a running max spreads it over the word's slots; then the bit
+    inside the word is found by a 5-step binary search on popcounts. ~5x ``jnp.nonzero``
+    on XLA:CPU (32 x 58k bits: 1.6 vs 8.8 ms).
+    """
+    b, nw = words.shape
+    pc = lax.population_count(words).astype(jnp.int32)
+    before = jnp.cumsum(pc, axis=1) - pc                        # set bits in earlier words
+    slot = jnp.where(pc > 0, before, cap)                       # empty words: dropped
+    start = jnp.zeros((b, cap), jnp.int32).at[jnp.arange(b)[:, None], slot].max(
+        jnp.broadcast_to(jnp.arange(nw, dtype=jnp.int32), (b, nw)), mode="drop")
+    wi = lax.cummax(start, axis=1)                              # word of each output slot
+    rank = jnp.arange(cap, dtype=jnp.int32)[None, :] - jnp.take_along_axis(before, wi, axis=1)
+    w = jnp.take_along_axis(words, wi, axis=1)
+    bit = jnp.zeros_like(rank)
+    for width in (16, 8, 4, 2, 1):                              # rank-th set bit of w
+        low = lax.population_count((w >> bit.astype(jnp.uint32))
+                                   & jnp.uint32((1 << width) - 1)).astype(jnp.int32)
+        up = rank >= low
+        bit = bit + jnp.where(up, width, 0)
+        rank = rank - jnp.where(up, low, 0)
+    return wi * 32 + bit
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, int(x)).bit_length() - 1)
+
+
+def _pow2_ceil(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def _reduce2(op, x):

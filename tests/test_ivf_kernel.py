@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.ivf_scan import ivf_topk, ivf_topk_pallas, ivf_topk_reference
+from pallas_kernels.ivf_scan import (ivf_topk, ivf_topk_pallas, ivf_topk_reference,
+                                     set_bit_positions)
 from pallas_kernels.int8_topk import quantize_rows
 
 from ._cuda import lower_for_cuda
@@ -100,6 +101,43 @@ def test_twin_steps_and_segments_match_brute_force(rng, step_items, k):
         ids_match(kern, want)
 
 
+@pytest.mark.parametrize("cap", [1, 40, 512])
+def test_set_bit_positions_match_flatnonzero(rng, cap):
+    density = np.array([0.0, 0.01, 0.1, 0.5, 1.0, 0.03])[:, None]
+    bits = rng.random((6, 320)) < density
+    bits[5, :300] = False                                       # set bits only at the end
+    words = jnp.asarray(np.packbits(bits, axis=-1, bitorder="little").view(np.uint32))
+    got = np.asarray(set_bit_positions(words, cap))
+    for b in range(6):
+        want = np.flatnonzero(bits[b])[:cap]
+        np.testing.assert_array_equal(got[b, :want.size], want)
+
+
+@pytest.mark.parametrize("k", [1, 9, 100, 400])
+def test_twin_item_path_equals_block_path(rng, k):
+    """Scoring the compacted eligible items gives exactly what scoring the live blocks
+    gives — scores, rows and the order among ties (codes in [-3, 3]: many ties)."""
+    b, p, nb, d = 6, 30, 80, 56
+    q, _, scale, _, _, _ = make(rng, b=b, nb=nb, d=d, p=p)
+    codes = jnp.asarray(rng.integers(-3, 4, (nb * 64, d), dtype=np.int8))
+    blocks = unique_blocks(rng, b, nb, p)
+    density = np.array([0.0, 0.005, 0.05, 0.2, 0.6, 1.0])[:, None, None]
+    bits = rng.random((b, p, 64)) < density
+    pm = jnp.asarray(np.packbits(bits, axis=-1, bitorder="little").view(np.uint32))
+    run = functools.partial(ivf_topk_reference, q, codes, scale, blocks, pm, k=k, block=64)
+    by_blocks = tuple(map(np.asarray, run(by="blocks")))
+    for by in ("items", "auto"):
+        got = run(by=by)
+        np.testing.assert_array_equal(np.asarray(got[0]), by_blocks[0])
+        np.testing.assert_array_equal(np.asarray(got[1]), by_blocks[1])
+    ids_match(by_blocks, brute(q, codes, scale, blocks, bits, k, 64))
+    # a sparse mask (what auto sends down the item path) agrees too
+    sparse = jnp.where(jnp.arange(b)[:, None, None] < 3, pm, jnp.uint32(0))
+    run = functools.partial(ivf_topk_reference, q, codes, scale, blocks, sparse, k=k, block=64)
+    for got, want in zip(run(), run(by="blocks")):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_dispatcher_and_errors(rng):
     q, codes, scale, blocks, pm, _ = make(rng)
     a = ivf_topk(q, codes, scale, blocks, pm, k=7, block=64)
@@ -109,6 +147,8 @@ def test_dispatcher_and_errors(rng):
         ivf_topk_reference(q, codes, scale, blocks, pm[:, :, :1], k=7, block=64)
     with pytest.raises(ValueError, match="multiple of 32"):
         ivf_topk_reference(q, codes, scale, blocks, pm, k=7, block=48)
+    with pytest.raises(ValueError, match="by must be"):
+        ivf_topk_reference(q, codes, scale, blocks, pm, k=7, block=64, by="rows")
 
 
 @pytest.mark.parametrize("k", [10, 1024])
