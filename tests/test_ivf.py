@@ -103,6 +103,16 @@ def test_selective_filter_takes_the_flat_path(cat, index):
     assert recall(np.asarray(res.ids), truth) == 1.0
 
 
+def test_mostly_eligible_probe_never_falls_back(cat, index):
+    """nprobe=2 holds ~500 items, far under 16 k at k=100: with no filter or a 90 % one the
+    probe is what nprobe buys (path 1); with a 10 % filter it is starved (path 2)."""
+    rng = np.random.default_rng(3)
+    for allow, path in ((None, 1), (rng.random(N) < 0.9, 1), (rng.random(N) < 0.1, 2)):
+        res = st.search(index, cat.queries, 100, allow, nprobe=2)
+        assert (np.asarray(res.path) == path).all()
+        assert (np.asarray(res.count) == 100).all()
+
+
 @pytest.mark.parametrize("k", [5, 200])      # 3 * 200 candidates: the CPU per-query path
 def test_rerank_scores_are_exact(cat, index, k):
     res = st.search(index, cat.queries, k, nprobe=8, rerank=3)
