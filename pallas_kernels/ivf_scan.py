@@ -57,8 +57,8 @@ def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
       step_items: items scored per loop step (``step_items // block`` probed blocks).
       by: ``"blocks"``, ``"items"`` or ``"auto"`` — how the eligible items are read (below).
         Both give identical results (same scores, same order among ties); ``auto`` picks
-        ``items`` when every query's eligible items fit in a quarter of its probed items
-        and scoring them one by one costs at most half as much as the live blocks.
+        ``items`` when the largest per-query eligible count fits in a power of two ``cap
+        <= P * block / 4`` and ``2 * B * cap`` is at most the items of the live blocks.
 
     **Items** (selective partial masks): each query's eligible items are compacted, in
     probe order, into ``[B, cap]`` storage rows (``cap`` a power of two from ``k``, chosen
