@@ -795,15 +795,15 @@ def compile_fresh_filter(fresh: FreshIndex, filter, batch_size: int | None = Non
     return compile_filter(fresh.vocab, filter, batch_size=batch_size)
 
 
-def _fresh_allow_words(fresh: FreshIndex, allow, batch: int):
+def _fresh_allow_words(store: Index, capacity: int, allow, batch: int):
     if allow is None:
         return None
     a = jnp.asarray(allow)
-    cp, w = fresh.store.num_rows, fresh.store.num_words
+    cp, w = store.num_rows, store.num_words
     if a.dtype == jnp.bool_:
-        if a.shape[-1:] not in ((cp,), (fresh.capacity,)) or a.shape[:-1] not in ((), (batch,)):
-            raise ValueError(f"fresh_allow must be bool[{fresh.capacity}] or "
-                             f"bool[{batch}, {fresh.capacity}] by slot (or padded to {cp}); "
+        if a.shape[-1:] not in ((cp,), (capacity,)) or a.shape[:-1] not in ((), (batch,)):
+            raise ValueError(f"fresh_allow must be bool[{capacity}] or "
+                             f"bool[{batch}, {capacity}] by slot (or padded to {cp}); "
                              f"got shape {a.shape}")
         a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, cp - a.shape[-1])])
         return pack_mask(a)
@@ -816,11 +816,18 @@ def _fresh_allow_words(fresh: FreshIndex, allow, batch: int):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "nprobe", "rerank", "min_eligible_factor",
-                                             "backend"))
-def _merged_core(main: Index, store: Index, q, mask, prog, fmask, fprog, *, k: int, nprobe: int,
-                 rerank: int, min_eligible_factor: float, backend: str):
-    """Both searches and the merge: ``(scores f32[B, k], ids [B, k], path i32[B],
-    source i32[B, k])``."""
+                                             "backend", "capacity"))
+def _merged_core(main: Index, store: Index, q, allow, prog, fresh_allow, fprog, *, k: int,
+                 nprobe: int, rerank: int, min_eligible_factor: float, backend: str,
+                 capacity: int) -> FreshSearchResult:
+    """:func:`search_fresh` after validation, as one jitted function (as ``search``: the
+    packing of both allow masks, both searches, the merge and the ids fuse; shape errors in
+    the masks are raised while tracing). ``capacity``: the fresh index's (static)."""
+    b = q.shape[0]
+    main = _with_live(main)
+    mask = eligibility_words(main, allow, b)
+    fmask = _fresh_allow_words(store, capacity, fresh_allow, b)
+    q = jnp.pad(q, ((0, 0), (0, main.items.codes.shape[1] - main.dim)))
     kk = k * max(rerank, 1)
     kw = dict(k=kk, rerank=0, min_eligible_factor=min_eligible_factor, backend=backend)
     mv, mr, path = _search_core(main, q, mask, prog, nprobe=nprobe, **kw)
@@ -845,8 +852,9 @@ def _merged_core(main: Index, store: Index, q, mask, prog, fmask, fprog, *, k: i
         src = jnp.take_along_axis(src, p2, axis=1)
     ok = top > NEG_INF
     ids = jnp.where(ok, ids, -1)
-    source = jnp.where(ok, src, -1)
-    return top, ids, path, source
+    return FreshSearchResult(ids=ids, scores=top,
+                             count=jnp.sum(ids >= 0, axis=1, dtype=jnp.int32), path=path,
+                             source=jnp.where(ok, src, -1))
 
 
 def search_fresh(main: Index, fresh: FreshIndex, queries, k: int, allow=None, *,
@@ -880,18 +888,14 @@ def search_fresh(main: Index, fresh: FreshIndex, queries, k: int, allow=None, *,
     nprobe = check_options(backend, k, main.ivf, nprobe, main.cache, rerank)
     q = check_queries(queries, main.dim)
     b = q.shape[0]
-    main = _with_live(main)
-    mask = eligibility_words(main, allow, b)
-    fmask = _fresh_allow_words(fresh, fresh_allow, b)
     prog = filter_program(main.filters, filter, b)
     fprog = None if prog is None else compile_fresh_filter(fresh, filter, batch_size=b)
-    q = jnp.pad(q, ((0, 0), (0, main.items.codes.shape[1] - main.dim)))
-    scores, ids, path, source = _merged_core(
-        main, fresh.store, q, mask, prog, fmask, fprog, k=int(k), nprobe=int(nprobe),
-        rerank=int(rerank or 0), min_eligible_factor=float(min_eligible_factor), backend=backend)
-    return FreshSearchResult(ids=ids, scores=scores, count=jnp.sum(ids >= 0, axis=1,
-                                                                   dtype=jnp.int32),
-                             path=path, source=source)
+    allow, fresh_allow = (a if a is None or isinstance(a, jax.Array) else np.asarray(a)
+                          for a in (allow, fresh_allow))
+    return _merged_core(main, fresh.store, q, allow, prog, fresh_allow, fprog, k=int(k),
+                        nprobe=int(nprobe), rerank=int(rerank or 0),
+                        min_eligible_factor=float(min_eligible_factor), backend=backend,
+                        capacity=fresh.capacity)
 
 
 # ----------------------------------------------------------------------------- compaction
