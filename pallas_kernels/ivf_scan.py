@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.int8_topk import (BACKENDS, NEG_INF, exact_row_dot, exact_topk_from_tiles,
-                                      padded_dim, quantize_rows)
+from pallas_kernels.int8_topk import (BACKENDS, NEG_INF, _pow2_ceil, exact_row_dot,
+                                      exact_topk_from_tiles, padded_dim, quantize_rows)
 
 
 def _check(q, codes, scale, blocks, pmask, k, block):
@@ -202,10 +202,6 @@ def set_bit_positions(words: jax.Array, cap: int) -> jax.Array:
 
 def _pow2_floor(x: int) -> int:
     return 1 << (max(1, int(x)).bit_length() - 1)
-
-
-def _pow2_ceil(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def _reduce2(op, x):

@@ -7,16 +7,18 @@ import time
 import jax
 
 
+def _call_seconds(fn) -> float:
+    """Wall time of one call of ``fn()``, its results waited for."""
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t
+
+
 def sample_seconds(fn, repeats: int = 5) -> list[float]:
     """Wall times of ``repeats`` calls of ``fn()`` after one warm-up call (which includes
     compilation); results are waited for with ``jax.block_until_ready``."""
     jax.block_until_ready(fn())
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t)
-    return ts
+    return [_call_seconds(fn) for _ in range(repeats)]
 
 
 def median_seconds(fn, repeats: int = 5) -> float:
@@ -37,7 +39,5 @@ def interleaved_medians(fns: dict, repeats: int = 5) -> dict:
     samples: dict = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t = time.perf_counter()
-            jax.block_until_ready(fn())
-            samples[name].append(time.perf_counter() - t)
+            samples[name].append(_call_seconds(fn))
     return {name: statistics.median(ts) for name, ts in samples.items()}
