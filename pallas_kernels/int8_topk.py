@@ -198,6 +198,13 @@ def exact_row_dot(x: jax.Array, qf: jax.Array) -> jax.Array:
     return acc.astype(jnp.float32)
 
 
+def gathered_row_dots(codes: jax.Array, rows: jax.Array, qf: jax.Array) -> jax.Array:
+    """Exact integer dots ``f32[B, M]`` of the item rows ``rows i32[B, M]`` of ``codes
+    i8[N, D]`` with int8-valued f32 queries ``qf f32[B, D]``, one query at a time (the
+    gather fuses with :func:`exact_row_dot`, so no ``[B, M, D]`` temporary)."""
+    return lax.map(lambda a: exact_row_dot(codes[a[0]], a[1]), (rows, qf))
+
+
 def int8_scores_reference(q, codes, scale, mask=None, *, num_valid=None):
     """All masked Int8 scores ``f32[B, N]`` (-inf where ineligible). Test/debug helper."""
     n = codes.shape[0]
@@ -258,9 +265,7 @@ def int8_topk_reference(q, codes, scale, mask=None, *, k: int, num_valid: int | 
     def scores_of(rows, chunk_of):
         """Masked exact scores ``f32[B, M]`` of item rows ``i32[B, M]`` (chunk ``i32[B, M]``
         they were scanned in: items a shifted last chunk re-reads are masked there)."""
-        dots = lax.map(lambda a: exact_row_dot(codes[a[1]], a[0]),
-                       (qc.astype(jnp.float32), rows))
-        s = dots * scale[rows] * qs[:, None]
+        s = gathered_row_dots(codes, rows, qc.astype(jnp.float32)) * scale[rows] * qs[:, None]
         ok = (ok_all[rows] if ok_all.ndim == 1 else jnp.take_along_axis(ok_all, rows, 1))
         return jnp.where(ok & (rows >= chunk_of * c), s, NEG_INF)
 

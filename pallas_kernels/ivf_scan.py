@@ -26,7 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.int8_topk import (BACKENDS, NEG_INF, _pow2_ceil, exact_row_dot,
-                                      exact_topk_from_tiles, padded_dim, quantize_rows)
+                                      exact_topk_from_tiles, gathered_row_dots, padded_dim,
+                                      quantize_rows)
 
 
 def _check(q, codes, scale, blocks, pmask, k, block):
@@ -143,8 +144,7 @@ def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
         def run():
             pos = set_bit_positions(pmask.reshape(b, -1), cap)
             rows = jnp.take_along_axis(blocks, pos // block, axis=1) * block + pos % block
-            s = lax.map(lambda a: exact_row_dot(codes[a[0]], a[1]), (rows, qf))   # [B, cap]
-            s = (s * scale[rows]) * qs[:, None]
+            s = (gathered_row_dots(codes, rows, qf) * scale[rows]) * qs[:, None]  # [B, cap]
             s = jnp.where(jnp.arange(cap)[None, :] < elig[:, None], s, NEG_INF)
             v, i = lax.top_k(s, kk)
             return v, jnp.take_along_axis(rows, i, axis=1)
