@@ -6,7 +6,8 @@ uniform random with pass rates 100 / 10 / 1 / 0.1 % and a cluster-correlated ~1 
 recall@k against the exact float32 filtered top-k (normalised by min(k, eligible)), slots
 filled, QPS (median of repeats after warm-up; the methods of one probe width are
 sampled in interleaved rounds, so they see the same machine load), and for
-st_jax the fraction of queries answered by the flat fallback. Peers: faiss
+st_jax the fractions of queries answered by the flat fallback and by a widened probe
+(default max_nprobe = 4 nprobe). Peers: faiss
 IndexIVFScalarQuantizer(QT_8bit) with SearchParametersIVF(sel=, nprobe=), IndexHNSWFlat(32)
 with SearchParametersHNSW(sel=, efSearch=). Writes bench/results/ivf_<platform>.json and a
 recall-QPS plot ivf_<platform>.png beside it.
@@ -113,6 +114,7 @@ def main(argv=None):
                     print(f"{fname:>22} k={k:<5} {method:>14} {knob:>12}: recall "
                           f"{row['recall']:.3f} filled {row['slots_filled']:.2f} "
                           f"{row['qps']:8.0f} QPS" + (f" fallback {extra['fallback']:.2f}"
+                                                       f" widened {extra['widened']:.2f}"
                                                        if extra else ""), flush=True)
 
             for nprobe in args.nprobes:
@@ -122,9 +124,11 @@ def main(argv=None):
                         return np.asarray(jax.block_until_ready(
                             st.search(index, q, k, allow, nprobe=nprobe, rerank=rr)).ids)
                     res = st.search(index, q, k, allow, nprobe=nprobe, rerank=rr)
-                    fb = float((np.asarray(res.path) == 2).mean())
+                    path = np.asarray(res.path)
                     group.append(("st_jax" + (f"+rerank{rr}" if rr else ""),
-                                  f"nprobe={nprobe}", run_st, {"fallback": fb}))
+                                  f"nprobe={nprobe}", run_st,
+                                  {"fallback": float((path == 2).mean()),
+                                   "widened": float((path == 3).mean())}))
                 params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe) if sel else \
                     faiss.SearchParametersIVF(nprobe=nprobe)
                 group.append(("faiss_ivf_sq8", f"nprobe={nprobe}",

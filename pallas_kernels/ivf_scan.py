@@ -91,51 +91,38 @@ def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
     g = max(1, min(step_items // block, total))                 # pairs per step
     n_steps = -(-total // g)
     live = jnp.any(pmask != 0, axis=-1)                          # [B, P]
-    order = jnp.argsort(~live.reshape(-1), stable=True)          # live pairs first
-    pad = n_steps * g - total
-    pair_q = jnp.pad(order // p, (0, pad))
-    pair_blk = jnp.pad(blocks.reshape(-1)[order], (0, pad))
-    pair_m = jnp.pad(pmask.reshape(total, -1)[order], ((0, pad), (0, 0)))
     count = jnp.sum(live, axis=1, dtype=jnp.int32)               # live pairs per query
-    first = jnp.cumsum(count) - count                            # each query's segment
-    codes_b = codes.reshape(-1, block, d)
-    scale_b = scale.reshape(-1, block)
-    bits = jnp.arange(32, dtype=jnp.uint32)
-
-    def body(i, buf):
-        blk = lax.dynamic_slice_in_dim(pair_blk, i * g, g)
-        qq = lax.dynamic_slice_in_dim(pair_q, i * g, g)
-        m = lax.dynamic_slice_in_dim(pair_m, i * g, g)
-        s = (exact_row_dot(codes_b[blk], qf[qq][:, None, :]) * scale_b[blk]) * qs[qq][:, None]
-        ok = ((m[..., None] >> bits) & 1).reshape(g, block).astype(bool)
-        return lax.dynamic_update_slice_in_dim(buf, jnp.where(ok, s, NEG_INF), i * g, 0)
-
-    steps = (jnp.sum(count) + g - 1) // g
-
-    # top_k over each query's segment, read into rows of L = size blocks (static sizes)
     kk = min(k, p * block)
-    smallest = max(-(-kk // block), p // 16, 1)
-    sizes = sorted({min(p, smallest << i) for i in range(p.bit_length() + 1)})
 
-    def select(size):
-        def run(buf):
-            t = jnp.arange(size * block)
-            slot = t // block
-            ok = slot[None, :] < count[:, None]                                # [B, L]
-            pair = jnp.where(ok, first[:, None] + slot[None, :], 0)
-            s = jnp.where(ok, buf[pair, t % block], NEG_INF)
-            v, pos = lax.top_k(s, min(kk, size * block))
-            pos = jnp.take_along_axis(pair, pos, axis=1) * block + pos % block
-            extra = kk - v.shape[1]
-            return (jnp.pad(v, ((0, 0), (0, extra)), constant_values=NEG_INF),
-                    jnp.pad(pos, ((0, 0), (0, extra))))
-        return run
+    def by_blocks():      # its set-up lives in the branch: the item path never pays for it
+        order = jnp.argsort(~live.reshape(-1), stable=True)      # live pairs first
+        pad = n_steps * g - total
+        pair_q = jnp.pad(order // p, (0, pad))
+        pair_blk = jnp.pad(blocks.reshape(-1)[order], (0, pad))
+        pair_m = jnp.pad(pmask.reshape(total, -1)[order], ((0, pad), (0, 0)))
+        first = jnp.cumsum(count) - count                        # each query's segment
+        codes_b = codes.reshape(-1, block, d)
+        scale_b = scale.reshape(-1, block)
+        bits = jnp.arange(32, dtype=jnp.uint32)
 
-    def by_blocks():
+        def body(i, buf):
+            blk = lax.dynamic_slice_in_dim(pair_blk, i * g, g)
+            qq = lax.dynamic_slice_in_dim(pair_q, i * g, g)
+            m = lax.dynamic_slice_in_dim(pair_m, i * g, g)
+            s = (exact_row_dot(codes_b[blk], qf[qq][:, None, :]) * scale_b[blk]) \
+                * qs[qq][:, None]
+            ok = ((m[..., None] >> bits) & 1).reshape(g, block).astype(bool)
+            return lax.dynamic_update_slice_in_dim(buf, jnp.where(ok, s, NEG_INF), i * g, 0)
+
+        steps = (jnp.sum(count) + g - 1) // g
         buf = lax.fori_loop(0, steps, body,
                             jnp.full((n_steps * g, block), NEG_INF, jnp.float32))
+        # top_k over each query's segment, read into rows of L = size blocks (static sizes)
+        smallest = max(-(-kk // block), p // 16, 1)
+        sizes = sorted({min(p, smallest << i) for i in range(p.bit_length() + 1)})
         which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.max(count))
-        v, pos = lax.switch(which, [select(sz) for sz in sizes], buf)
+        v, pos = lax.switch(which, [_segment_topk(sz, count, first, kk, block)
+                                    for sz in sizes], buf)
         return v, pair_blk[pos // block] * block + pos % block
 
     elig = jnp.sum(lax.population_count(pmask).astype(jnp.int32), axis=(1, 2))      # [B]
@@ -169,6 +156,24 @@ def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
         v = jnp.pad(v, ((0, 0), (0, k - v.shape[1])), constant_values=NEG_INF)
         rows = jnp.pad(rows, ((0, 0), (0, k - rows.shape[1])), constant_values=-1)
     return v, rows.astype(jnp.int32)
+
+
+def _segment_topk(size: int, count, first, kk: int, block: int):
+    """Block path's selection: each query's segment of the scored buffer ``f32[pairs,
+    block]`` (``count[b]`` pairs from ``first[b]``) read into a row of ``size`` blocks, then
+    one ``lax.top_k``. Returns ``run(buf) -> (f32[B, kk], i32[B, kk])`` (buffer positions)."""
+    def run(buf):
+        t = jnp.arange(size * block)
+        slot = t // block
+        ok = slot[None, :] < count[:, None]                                    # [B, L]
+        pair = jnp.where(ok, first[:, None] + slot[None, :], 0)
+        s = jnp.where(ok, buf[pair, t % block], NEG_INF)
+        v, pos = lax.top_k(s, min(kk, size * block))
+        pos = jnp.take_along_axis(pair, pos, axis=1) * block + pos % block
+        extra = kk - v.shape[1]
+        return (jnp.pad(v, ((0, 0), (0, extra)), constant_values=NEG_INF),
+                jnp.pad(pos, ((0, 0), (0, extra))))
+    return run
 
 
 def set_bit_positions(words: jax.Array, cap: int) -> jax.Array:

@@ -55,6 +55,7 @@ class GraphSpec:
       num_hashes / stack_depth: filter program statics (from the index's filter schema).
       nprobe: IVF clusters probed per task query (0: flat index).
       min_eligible_factor: IVF starvation threshold (see ``st_jax.search``).
+      max_nprobe: widest probe a starved IVF task query may take (see ``st_jax.search``).
       merge: "union" | "intersection" of the per-task candidate sets.
       rank: "overarch" (OverArch + Value Model) | "retrieval" (exact primary-task dot product).
       backend: kernel backend ("auto": Pallas on GPU, XLA twin on CPU).
@@ -81,6 +82,7 @@ class GraphSpec:
     backend: str
     fresh_treedef: Any = None
     fresh_keys: tuple[str, ...] = ()
+    max_nprobe: int = 0
 
 
 def _tree(treedef, keys, flat: dict, prefix: str):
@@ -178,7 +180,7 @@ def _main_topk(spec: GraphSpec, index, q, t: int, inputs: dict, prog, k0: int):
         mask = jnp.tile(mask, (t, 1))                                            # [T*B, W]
     vals, rows, path = _search_core(index, q, mask, prog, k=k0, nprobe=spec.nprobe, rerank=0,
                                     min_eligible_factor=spec.min_eligible_factor,
-                                    backend=spec.backend)
+                                    backend=spec.backend, max_nprobe=spec.max_nprobe)
     safe = jnp.clip(rows, 0, index.num_rows - 1)
     pos = safe if index.perm is None else index.perm[safe]
     ids = pos if index.ids is None else index.ids[jnp.maximum(pos, 0)]
@@ -199,7 +201,7 @@ def retrieve_stage(spec: GraphSpec, indexes, u, inputs: dict, k0: int):
         vals, ids, rows, path, emb = _sharded_core(
             index, q, None, prog, inputs.get("exclude"), k=k0, nprobe=spec.nprobe, rerank=0,
             min_eligible_factor=spec.min_eligible_factor, backend=spec.backend, tasks=t,
-            with_cache=True)
+            with_cache=True, max_nprobe=spec.max_nprobe)
         emb = emb.astype(jnp.float32)
     else:
         vals, rows, ids, path = _main_topk(spec, index, q, t, inputs, prog, k0)

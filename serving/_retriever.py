@@ -30,6 +30,7 @@ from serving._runner import Runner
 from st_jax._shard import shard_index, shard_live
 from st_jax._filter_lang import DEFAULT_STACK_DEPTH
 from st_jax._persist import index_from_flat
+from st_jax._search import check_max_nprobe
 
 
 def _dot_key(path) -> str:
@@ -102,7 +103,7 @@ class Retriever(Runner):
                  nprobe: int | None = None, merge: str | None = None, rank: str = "overarch",
                  backend: str = "auto", min_eligible_factor: float = 16.0,
                  fresh_capacity: int = 4096, durable: bool = False, mesh=None,
-                 item_axis: str | None = None):
+                 item_axis: str | None = None, max_nprobe: int | None = None):
         from training import _io
         from training._config import TrainConfig
         from training._models import TwoTower, make_overarch
@@ -153,6 +154,9 @@ class Retriever(Runner):
             raise ValueError(f"nprobe must be in [1, {index.ivf.num_clusters if nc else 0}] "
                              "(it needs an IVF index)")
         fs = index.filters.schema if index.filters is not None else None
+        self._max_nprobe = max_nprobe                     # as given (None: the default)
+        if not nc and max_nprobe is not None:
+            raise ValueError("max_nprobe needs an IVF index (publish with num_clusters)")
         self.spec = GraphSpec(
             user_graph=graphs.user_tower, overarch_graph=graphs.overarch,
             params_treedef=ptree, params_keys=pkeys, index_treedef=itree, index_keys=ikeys,
@@ -161,7 +165,8 @@ class Retriever(Runner):
             num_hashes=fs.num_hashes if fs is not None else 1,
             stack_depth=DEFAULT_STACK_DEPTH, nprobe=int(nprobe) if nc else 0,
             min_eligible_factor=float(min_eligible_factor), merge=merge, rank=rank,
-            backend=backend)
+            backend=backend,
+            max_nprobe=check_max_nprobe(index.ivf, int(nprobe), max_nprobe) if nc else 0)
         users = None
         if m.get("users"):
             u = data.group("users")
@@ -200,7 +205,7 @@ class Retriever(Runner):
             published with.
           **kw: ``buckets`` (batch sizes compiled, default 1, 8, 32, 128), ``nprobe``,
             ``merge`` ("union" | "intersection"), ``rank`` ("overarch" | "retrieval"),
-            ``backend``, ``min_eligible_factor``, ``fresh_capacity`` (items
+            ``backend``, ``min_eligible_factor``, ``max_nprobe``, ``fresh_capacity`` (items
             ``add_items`` / ``update_items`` can write before ``serving.compact``),
             ``durable`` (journal every item update in the bundle before applying it, so
             it survives a restart; ``st-jax serve`` does). Updates journaled for this
@@ -227,7 +232,8 @@ class Retriever(Runner):
         base = {"buckets": self.buckets, "nprobe": self.spec.nprobe or None,
                 "merge": self.spec.merge, "rank": self.spec.rank, "backend": self.spec.backend,
                 "min_eligible_factor": self.spec.min_eligible_factor,
-                "fresh_capacity": self.fresh_capacity, "durable": self.durable,
+                "max_nprobe": self._max_nprobe, "fresh_capacity": self.fresh_capacity,
+                "durable": self.durable,
                 "mesh": self.mesh, "item_axis": self.item_axis if "mesh" not in kw else None}
         return Retriever(self.data, **{**base, **kw})
 

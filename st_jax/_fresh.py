@@ -66,7 +66,7 @@ from st_jax._filter_index import (FIRST_EXACT_ROW, VALID_ROW, FilterIndex, Filte
 from st_jax._filter_lang import TERM_BLOOM, TERM_EXACT
 from st_jax._index import CACHE_DTYPES, Index, build_index
 from st_jax._quant import quantize_int8
-from st_jax._search import (_search_core, check_options, check_queries,
+from st_jax._search import (_search_core, check_max_nprobe, check_options, check_queries,
                             eligibility_words, filter_program, float_scores)
 from st_jax._types import Int8Matrix, _static, pytree_dataclass
 
@@ -816,10 +816,10 @@ def _fresh_allow_words(store: Index, capacity: int, allow, batch: int):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "nprobe", "rerank", "min_eligible_factor",
-                                             "backend", "capacity"))
+                                             "backend", "capacity", "max_nprobe"))
 def _merged_core(main: Index, store: Index, q, allow, prog, fresh_allow, fprog, *, k: int,
                  nprobe: int, rerank: int, min_eligible_factor: float, backend: str,
-                 capacity: int) -> FreshSearchResult:
+                 capacity: int, max_nprobe: int = 0) -> FreshSearchResult:
     """:func:`search_fresh` after validation, as one jitted function (as ``search``: the
     packing of both allow masks, both searches, the merge and the ids fuse; shape errors in
     the masks are raised while tracing). ``capacity``: the fresh index's (static)."""
@@ -830,7 +830,7 @@ def _merged_core(main: Index, store: Index, q, allow, prog, fresh_allow, fprog, 
     q = jnp.pad(q, ((0, 0), (0, main.items.codes.shape[1] - main.dim)))
     kk = k * max(rerank, 1)
     kw = dict(k=kk, rerank=0, min_eligible_factor=min_eligible_factor, backend=backend)
-    mv, mr, path = _search_core(main, q, mask, prog, nprobe=nprobe, **kw)
+    mv, mr, path = _search_core(main, q, mask, prog, nprobe=nprobe, max_nprobe=max_nprobe, **kw)
     fv, fr, _ = _search_core(store, q, fmask, fprog, nprobe=0, **kw)
     mpos = mr if main.perm is None else jnp.where(mr >= 0, main.perm[jnp.maximum(mr, 0)], -1)
     mids = mpos if main.ids is None else jnp.where(mpos >= 0, main.ids[jnp.maximum(mpos, 0)], -1)
@@ -860,7 +860,7 @@ def _merged_core(main: Index, store: Index, q, allow, prog, fresh_allow, fprog, 
 def search_fresh(main: Index, fresh: FreshIndex, queries, k: int, allow=None, *,
                  fresh_allow=None, filter=None, nprobe: int | None = None,
                  rerank: int | None = None, min_eligible_factor: float = 16.0,
-                 backend: str = "auto") -> FreshSearchResult:
+                 max_nprobe: int | None = None, backend: str = "auto") -> FreshSearchResult:
     """Top-k over the live items of ``main`` and ``fresh`` together.
 
     Args:
@@ -874,8 +874,8 @@ def search_fresh(main: Index, fresh: FreshIndex, queries, k: int, allow=None, *,
         live fresh items.
       filter: as for ``search`` (str, ``F`` expression, or a list of B); evaluated exactly on
         both indexes (values only fresh items have included).
-      nprobe, rerank, min_eligible_factor, backend: as for ``search`` (nprobe applies to an
-        IVF main index; the fresh store is always scanned exactly).
+      nprobe, rerank, min_eligible_factor, max_nprobe, backend: as for ``search`` (nprobe
+        and max_nprobe apply to an IVF main index; the fresh store is always scanned exactly).
     Returns:
       :class:`FreshSearchResult`: ``ids``, ``scores``, ``count``, ``path`` (main's) and
       ``source i32[B, k]`` (0 main, 1 fresh, -1 padding).
@@ -895,7 +895,8 @@ def search_fresh(main: Index, fresh: FreshIndex, queries, k: int, allow=None, *,
     return _merged_core(main, fresh.store, q, allow, prog, fresh_allow, fprog, k=int(k),
                         nprobe=int(nprobe), rerank=int(rerank or 0),
                         min_eligible_factor=float(min_eligible_factor), backend=backend,
-                        capacity=fresh.capacity)
+                        capacity=fresh.capacity,
+                        max_nprobe=check_max_nprobe(main.ivf, nprobe, max_nprobe))
 
 
 # ----------------------------------------------------------------------------- compaction

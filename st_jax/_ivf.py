@@ -99,11 +99,13 @@ def probe_caps(block_count: np.ndarray) -> tuple[int, ...]:
     return tuple(int(v) for v in np.cumsum(np.sort(block_count)[::-1]))
 
 
-def probed_blocks(ivf: IVF, q: jax.Array, nprobe: int):
-    """Per query, the blocks of its ``nprobe`` best clusters, as a padded list.
+def probe_list(ivf: IVF, q: jax.Array, nprobe: int):
+    """Per query, the blocks of its ``nprobe`` best clusters in rank order, as a padded list.
 
-    Returns ``(blocks i32[B, P], valid bool[B, P], clusters i32[B, nprobe])`` with
-    ``P = probe_caps[nprobe - 1]``.
+    Returns ``(blocks i32[B, P], rank i32[B, P], ends i32[B, nprobe])`` with ``P =
+    probe_caps[nprobe - 1]``: ``rank`` is the rank of each slot's cluster (``nprobe`` on
+    padding slots, whose block is 0) and ``ends[:, j]`` the number of slots the best ``j + 1``
+    clusters fill, so ``rank < n`` selects the probe of the best ``n <= nprobe`` clusters.
     """
     cs = q.astype(jnp.float32) @ ivf.centroids.T                          # [B, C]
     _, clusters = lax.top_k(cs, nprobe)                                    # [B, nprobe]
@@ -111,12 +113,24 @@ def probed_blocks(ivf: IVF, q: jax.Array, nprobe: int):
     ends = jnp.cumsum(counts, axis=1)
     cap = ivf.probe_caps[nprobe - 1]
     slot = jnp.arange(cap)
-    which = jax.vmap(lambda e: jnp.searchsorted(e, slot, side="right"))(ends)  # [B, P]
-    valid = which < nprobe
-    which = jnp.minimum(which, nprobe - 1)
+    # rank[s] = #clusters ending at or before slot s (a searchsorted of every slot in
+    # ends, as one scatter-add and a running sum: ~5x XLA:CPU's searchsorted loop)
+    b = q.shape[0]
+    ends_hit = jnp.zeros((b, cap + 1), jnp.int32).at[jnp.arange(b)[:, None], ends].add(1)
+    rank = jnp.cumsum(ends_hit, axis=1)[:, :cap]                           # [B, P]
+    which = jnp.minimum(rank, nprobe - 1)
     first = jnp.take_along_axis(ends - counts, which, axis=1)
     blocks = ivf.block_start[jnp.take_along_axis(clusters, which, axis=1)] + (slot - first)
-    return jnp.where(valid, blocks, 0), valid, clusters
+    return jnp.where(rank < nprobe, blocks, 0), rank.astype(jnp.int32), ends
+
+
+def probed_blocks(ivf: IVF, q: jax.Array, nprobe: int):
+    """Per query, the blocks of its ``nprobe`` best clusters, as a padded list.
+
+    Returns ``(blocks i32[B, P], valid bool[B, P])`` with ``P = probe_caps[nprobe - 1]``.
+    """
+    blocks, rank, _ = probe_list(ivf, q, nprobe)
+    return blocks, rank < nprobe
 
 
 def partial_mask(words: jax.Array, blocks: jax.Array, valid: jax.Array, block: int):

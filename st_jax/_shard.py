@@ -64,8 +64,8 @@ from pallas_kernels.int8_topk import NEG_INF, pack_mask, padded_rows
 from st_jax._filter_index import FilterIndex, filter_mask, segment_positions
 from st_jax._index import Index
 from st_jax._ivf import IVF
-from st_jax._search import (_int8_candidates, check_options, check_queries, exclusion_words,
-                            filter_program, float_scores)
+from st_jax._search import (_int8_candidates, check_max_nprobe, check_options, check_queries,
+                            exclusion_words, filter_program, float_scores)
 from st_jax._types import Int8Matrix, SearchResult, _static, pytree_dataclass
 
 __all__ = ["ShardedIndex", "shard_index", "sharded_search"]
@@ -363,10 +363,10 @@ def _local_index(sidx: ShardedIndex, a: dict) -> Index:
 
 
 @functools.partial(jax.jit, static_argnames=("k", "nprobe", "rerank", "min_eligible_factor",
-                                             "backend", "tasks", "with_cache"))
+                                             "backend", "tasks", "with_cache", "max_nprobe"))
 def _sharded_core(sidx: ShardedIndex, q, mask, prog, exclude, *, k: int, nprobe: int,
                   rerank: int, min_eligible_factor: float, backend: str, tasks: int = 1,
-                  with_cache: bool = False):
+                  with_cache: bool = False, max_nprobe: int = 0):
     """Per-shard filtered top-``R*k`` (flat or IVF), then one global merge.
 
     Args:
@@ -419,7 +419,8 @@ def _sharded_core(sidx: ShardedIndex, q, mask, prog, exclude, *, k: int, nprobe:
         vals, rows, path = _int8_candidates(idx, q, m, prog, k=k, kk=kk,
                                             nprobe=nprobe if ivf else 0,
                                             min_eligible_factor=min_eligible_factor,
-                                            backend=backend, axis_name=ax)
+                                            backend=backend, max_nprobe=max_nprobe,
+                                            axis_name=ax)
         ok = rows >= 0
         safe = jnp.maximum(rows, 0)
         ids = jnp.where(ok, a["row_ids"][safe], -1)
@@ -467,7 +468,8 @@ def _sharded_core(sidx: ShardedIndex, q, mask, prog, exclude, *, k: int, nprobe:
 
 def sharded_search(sidx: ShardedIndex, queries, k: int, allow=None, *, filter=None,
                    nprobe: int | None = None, rerank: int | None = None,
-                   min_eligible_factor: float = 16.0, backend: str = "auto") -> SearchResult:
+                   min_eligible_factor: float = 16.0, max_nprobe: int | None = None,
+                   backend: str = "auto") -> SearchResult:
     """:func:`~st_jax.search` over a :class:`ShardedIndex` (same arguments and results).
 
     Args:
@@ -478,17 +480,18 @@ def sharded_search(sidx: ShardedIndex, queries, k: int, allow=None, *, filter=No
       filter: as for ``search`` (str, ``F`` expression or a list of B), exact.
       nprobe: IVF clusters probed per query (IVF indexes; default ``min(32, C)``).
       rerank: R re-scores each query's ``R * k`` best Int8 candidates with the float cache.
-      min_eligible_factor: the IVF starvation threshold of ``search``, applied to the
-        eligible items of the whole index (all shards).
+      min_eligible_factor, max_nprobe: the IVF starvation threshold and widest probe of
+        ``search``, applied to the eligible items of the whole index (all shards).
       backend: as for ``search``.
     Returns:
       :class:`~st_jax.SearchResult` (``path``: 0 flat, 1 IVF, 2 starved IVF answered by the
-      flat scan, as ``search``), replicated.
+      flat scan, 3 starved IVF answered by a widened probe, as ``search``), replicated.
     Raises:
       ValueError: as ``search``.
     """
-    nprobe = check_options(backend, k, sidx if sidx.centroids is not None else None, nprobe,
-                           sidx.cache, rerank)
+    ivf = sidx if sidx.centroids is not None else None
+    nprobe = check_options(backend, k, ivf, nprobe, sidx.cache, rerank)
+    max_nprobe = check_max_nprobe(ivf, nprobe, max_nprobe)
     q = check_queries(queries, sidx.dim)
     b = q.shape[0]
     mask = _allow_words(sidx, allow, b)
@@ -496,6 +499,7 @@ def sharded_search(sidx: ShardedIndex, queries, k: int, allow=None, *, filter=No
     q = jnp.pad(q, ((0, 0), (0, sidx.codes.shape[1] - sidx.dim)))
     scores, ids, _, path, _ = _sharded_core(
         sidx, q, mask, prog, None, k=int(k), nprobe=int(nprobe), rerank=int(rerank or 0),
-        min_eligible_factor=float(min_eligible_factor), backend=backend)
+        min_eligible_factor=float(min_eligible_factor), backend=backend,
+        max_nprobe=max_nprobe)
     return SearchResult(ids=ids, scores=scores, count=jnp.sum(ids >= 0, axis=1, dtype=jnp.int32),
                         path=path)

@@ -51,7 +51,8 @@ class SearchResult:
       scores: ``f32[B, k]`` — approximate inner products (Int8 scores), ``-inf`` padded.
       count: ``i32[B]`` — number of valid entries per row (= ``min(k, eligible)``).
       path: ``i32[B]`` — how each query was served: 0 flat scan, 1 IVF probe,
-        2 IVF probe starved by a selective filter, answered by the exact flat scan.
+        2 IVF probe starved by a selective filter, answered by the exact flat scan,
+        3 starved IVF probe widened to enough clusters (``search(..., max_nprobe=)``).
     """
 
     ids: jax.Array

@@ -9,6 +9,8 @@ from st_jax._ivf import ivf_layout, probed_blocks
 from st_jax._quant import quantize_rows
 from st_jax.synthetic import clustered_catalogue, exact_filtered_topk, recall
 
+from ._cuda import lower_for_cuda
+
 N, D = 12_000, 32
 
 
@@ -48,7 +50,7 @@ def test_index_rows_hold_the_right_items(cat, index):
 def probe_reference(index, q, allow, k, nprobe):
     """Filter-then-probe: evaluate the filter on every item, keep the probed clusters'
     items, brute-force the Int8 top-k (numpy)."""
-    blocks, valid, _ = probed_blocks(index.ivf, jnp.asarray(q), nprobe)
+    blocks, valid = probed_blocks(index.ivf, jnp.asarray(q), nprobe)
     blk = index.ivf.block
     codes = np.asarray(index.items.codes, np.int64)
     scale = np.asarray(index.items.scale)
@@ -77,14 +79,18 @@ def test_probe_then_filter_equals_filter_then_probe(cat, index, p, per_query):
     assert got == want
 
 
-@pytest.mark.parametrize("kind", ["100%", "10%", "1%", "0.1%", "cluster"])
+@pytest.mark.parametrize("kind", ["100%", "20%", "10%", "1%", "0.1%", "cluster"])
 def test_recall_with_rerank_at_every_pass_rate(cat, index, kind):
     rng = np.random.default_rng(1)
-    allow = {"100%": None, "10%": rng.random(N) < 0.1, "1%": rng.random(N) < 0.01,
-             "0.1%": rng.random(N) < 0.001,
+    allow = {"100%": None, "20%": rng.random(N) < 0.2, "10%": rng.random(N) < 0.1,
+             "1%": rng.random(N) < 0.01, "0.1%": rng.random(N) < 0.001,
              "cluster": np.isin(cat.cluster, [1, 7]) & (rng.random(N) < 0.5)}[kind]
     k = 50
-    res = st.search(index, cat.queries, k, allow, nprobe=8, rerank=4)
+    # max_nprobe=32: the 20 % filter's starved queries widen (path 3), the more selective
+    # ones cannot reach 16 k eligible items in 32 clusters and take the flat scan (path 2)
+    res = st.search(index, cat.queries, k, allow, nprobe=8, rerank=4, max_nprobe=32)
+    if kind == "20%":
+        np.testing.assert_array_equal(np.asarray(res.path), 3)
     truth = exact_filtered_topk(cat.embeddings, cat.queries, k, allow)
     assert recall(np.asarray(res.ids), truth) >= 0.95
     eligible = N if allow is None else int(allow.sum())
@@ -111,6 +117,58 @@ def test_mostly_eligible_probe_never_falls_back(cat, index):
         res = st.search(index, cat.queries, 100, allow, nprobe=2)
         assert (np.asarray(res.path) == path).all()
         assert (np.asarray(res.count) == 100).all()
+
+
+def eligible_in_probe(index, q, allow, nprobe):
+    """``i64[B]`` eligible items in each query's ``nprobe`` best clusters (numpy)."""
+    blocks, valid = probed_blocks(index.ivf, jnp.asarray(q), nprobe)
+    blk, perm = index.ivf.block, np.asarray(index.perm)
+    rows = np.asarray(blocks)[:, :, None] * blk + np.arange(blk)            # [B, P, blk]
+    ok = np.asarray(valid)[:, :, None] & (perm[rows] >= 0)
+    return (ok & allow[np.maximum(perm[rows], 0)]).sum(axis=(1, 2))
+
+
+def test_starved_query_widens_to_enough_clusters(cat, index):
+    """A uniform 20 % filter starves nprobe=2 at k=20 (needs 16 * 20 = 320 eligible items):
+    each query widens to the fewest clusters holding 320, and returns exactly the top-k of
+    that probe (filter-then-probe reference at that query's widened nprobe)."""
+    allow = np.random.default_rng(4).random(N) < 0.2
+    k, nprobe, wide = 20, 2, 16
+    res = st.search(index, cat.queries, k, allow, nprobe=nprobe, max_nprobe=wide)
+    np.testing.assert_array_equal(np.asarray(res.path), 3)
+    counts = np.stack([eligible_in_probe(index, cat.queries, allow, n)
+                       for n in range(1, wide + 1)], axis=1)                 # [B, wide]
+    reach = 1 + (counts < 16 * k).sum(axis=1)
+    assert (reach > nprobe).all() and (reach <= wide).all()
+    got = [sorted(r[r >= 0].tolist()) for r in np.asarray(res.ids)]
+    for b in range(len(got)):
+        assert got[b] == probe_reference(index, cat.queries[b:b + 1], allow, k, reach[b])[0]
+    # widening off: the same queries take the exact flat scan
+    off = st.search(index, cat.queries, k, allow, nprobe=nprobe, max_nprobe=nprobe)
+    np.testing.assert_array_equal(np.asarray(off.path), 2)
+
+
+def test_correlated_filter_is_not_widened(cat, index):
+    """Eligible items all in one planted cluster: a probe far from it passes the filter at
+    far under the index's rate, so its query takes the exact flat scan, never a widened
+    probe that would stop at the first few clusters holding eligible items."""
+    allow = cat.cluster == 3
+    res = st.search(index, cat.queries, 10, allow, nprobe=2, max_nprobe=48)
+    path = np.asarray(res.path)
+    assert set(path.tolist()) <= {1, 2} and (path == 2).any()
+    flat = st.search(st.build_index(cat.embeddings), cat.queries, 10, allow)
+    np.testing.assert_array_equal(np.asarray(res.ids)[path == 2], np.asarray(flat.ids)[path == 2])
+
+
+def test_widening_search_lowers_for_cuda(cat, index):
+    """The whole IVF search with the widening branch (Pallas filter and IVF-scan kernels
+    inside ``lax.cond``) lowers for CUDA on a CPU-only machine."""
+    specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), index)
+    words = jax.ShapeDtypeStruct((index.num_words,), jnp.uint32)
+    q = jax.ShapeDtypeStruct((4, D), jnp.float32)
+    exp = lower_for_cuda(lambda idx, q, a: st.search(idx, q, 10, a, nprobe=2, max_nprobe=8),
+                         specs, q, words)
+    assert exp.platforms == ("cuda",) and "triton" in exp.mlir_module().lower()
 
 
 @pytest.mark.parametrize("k", [5, 200])      # 3 * 200 candidates: the CPU per-query path
@@ -141,6 +199,12 @@ def test_errors(cat, index):
         st.search(flat, cat.queries, 5, rerank=2)
     with pytest.raises(ValueError, match="nprobe must be"):
         st.search(index, cat.queries, 5, nprobe=0)
+    with pytest.raises(ValueError, match="max_nprobe must be"):
+        st.search(index, cat.queries, 5, nprobe=4, max_nprobe=3)
+    with pytest.raises(ValueError, match="max_nprobe must be"):
+        st.search(index, cat.queries, 5, nprobe=4, max_nprobe=index.ivf.num_clusters + 1)
+    with pytest.raises(ValueError, match="max_nprobe needs an IVF index"):
+        st.search(flat, cat.queries, 5, max_nprobe=3)
     with pytest.raises(ValueError, match="num_clusters"):
         st.build_index(cat.embeddings[:10], num_clusters=11)
     with pytest.raises(ValueError, match="multiple of 32"):

@@ -96,6 +96,12 @@ SCRIPT = textwrap.dedent("""
     res = sh.sharded_search(sh.shard_live(sv, ivf2.live), q, K, a1, nprobe=3)
     same(res, st.search(ivf2, q, K, a1, nprobe=3), "ivf, tombstones")
     assert not np.isin(np.asarray(res.ids), ids[:300]).any()
+    # starved queries widen their probe on the eligible counts of all shards (path 3)
+    a3 = np.random.default_rng(7).random(N) < 0.3
+    opts = dict(nprobe=1, max_nprobe=12, min_eligible_factor=4.0)
+    want = st.search(ivf, q, K, a3, **opts)
+    same(sh.sharded_search(sv, q, K, a3, **opts), want, "ivf, widened")
+    assert (np.asarray(want.path) == 3).any(), want.path
     print("SHARDED-OK")
 """)
 
