@@ -12,6 +12,7 @@ bench/results/kernel_<device>.json. Needs a CUDA device (exits with a message ot
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -56,8 +57,11 @@ def main(argv=None):
     for p in args.pass_rates:
         allow = jax.random.uniform(jax.random.key(3), (n,)) < p
         mask = pack_mask(allow)
-        kern = jax.jit(lambda: int8_topk_pallas(q, codes, scale, mask, k=args.k))
-        twin = jax.jit(lambda: int8_topk_reference(q, codes, scale, mask, k=args.k))
+        # arrays as arguments, not closed-over constants (XLA would constant-fold them)
+        kern_fn = jax.jit(functools.partial(int8_topk_pallas, k=args.k))
+        twin_fn = jax.jit(functools.partial(int8_topk_reference, k=args.k))
+        kern = functools.partial(kern_fn, q, codes, scale, mask)
+        twin = functools.partial(twin_fn, q, codes, scale, mask)
         t_k, t_x = median_seconds(kern, 20), median_seconds(twin, 20)
         vk, ik = kern()
         vx, ix = twin()

@@ -11,8 +11,12 @@ Search (SilverTorch Algorithm 1, in one jitted function):
   3. Int8 scores of the probed blocks' items + top-k (``pallas_kernels.ivf_scan``: a Pallas
      kernel reading the probed blocks in place on GPU, its XLA twin on CPU);
   4. a query whose probed clusters hold fewer than ``min_eligible_factor * k`` eligible items
-     is *starved* (a selective filter): it takes the exact flat filtered scan instead, within
-     the same jitted function (``lax.cond``, so the flat scan only runs when needed).
+     is *starved* (a selective filter): it widens its probe to the next clusters in
+     centroid order, up to ``max_nprobe``, until it holds that many (:func:`probe_list`
+     ranks each slot, so one wide list serves every query's own cut), or, when that cannot
+     work, takes the exact flat filtered scan, within the same jitted function
+     (``lax.cond`` / ``lax.switch``: each path runs only when some query needs it); see
+     ``st_jax._search._int8_candidates``.
 """
 from __future__ import annotations
 
