@@ -25,8 +25,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.int8_topk import (BACKENDS, NEG_INF, _pow2_ceil, exact_row_dot,
-                                      exact_topk_from_tiles, gathered_row_dots, padded_dim,
+from pallas_kernels._select import set_bit_positions, top_k
+from pallas_kernels.int8_topk import (BACKENDS, NEG_INF, _pow2_ceil, exact_topk_from_tiles,
+                                      gathered_row_dots, int8_row_dots, padded_dim,
                                       quantize_rows)
 
 
@@ -49,36 +50,38 @@ def _check(q, codes, scale, blocks, pmask, k, block):
         raise ValueError(f"k must be a positive int; got {k!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block", "step_items", "by"))
+@functools.partial(jax.jit, static_argnames=("k", "block", "step_items", "chunk_blocks", "by"))
 def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
-                       step_items: int = 32768, by: str = "auto"):
+                       step_items: int = 32768, chunk_blocks: int = 32, by: str = "auto"):
     """Plain-XLA twin of :func:`ivf_topk_pallas`, formulated to be fast on CPU.
 
     Args (beyond the module's contract):
-      step_items: items scored per loop step (``step_items // block`` probed blocks).
+      step_items: items scored per loop step of the block path.
+      chunk_blocks: probed blocks per chunk of the block path (below).
       by: ``"blocks"``, ``"items"`` or ``"auto"`` — how the eligible items are read (below).
         Both give identical results (same scores, same order among ties); ``auto`` picks
         ``items`` when the largest per-query eligible count fits in a power of two ``cap
         <= P * block / 4`` and ``2 * B * cap`` is at most the items of the live blocks.
 
+    Scores are exact integer dots as narrow int8 GEMMs (:func:`int8_row_dots`: each query
+    zero-padded to 4 columns), XLA:CPU's fastest form of this matrix-vector work.
+
     **Items** (selective partial masks): each query's eligible items are compacted, in
     probe order, into ``[B, cap]`` storage rows (``cap`` a power of two from ``k``, chosen
-    by ``lax.switch``), scored one query at a time (gather, int8 → f32 and dot fused) and
-    selected by one ``lax.top_k``: with a 10 % filter this scores a tenth of the rows the
-    block scan reads.
+    by ``lax.switch``), scored one query at a time (:func:`gathered_row_dots`) and selected
+    by one ``lax.top_k``: with a 10 % filter this scores a tenth of the rows the block scan
+    reads.
 
-    **Blocks**:
-
-    The (query, probed block) pairs of the whole batch whose partial mask has an eligible
-    item are moved to the front of one list (stable, so each query's pairs stay contiguous
-    and in probe order); a loop with a data-dependent trip count scores only those, a fixed
-    number of pairs per step (gather, int8 → f32 and dot fused; large steps let XLA:CPU
-    split the work over its threads), into a ``-inf``-initialised buffer. Each query's
-    segment is then read back into ``[B, L]`` rows, ``L`` the smallest power-of-two number
-    of blocks (from ``P / 16``) that holds the longest segment (``lax.switch`` over static
-    sizes), and ``lax.top_k`` selects. Padding and filtered-out blocks cost nothing but the
-    compaction, so a selective filter makes the scan cheaper, and queries with few live
-    blocks do not wait for the others.
+    **Blocks**: each query's probed blocks that hold an eligible item are moved to the
+    front of its list (stable: probe order) and cut into chunks of ``chunk_blocks``; a loop
+    with a data-dependent trip count scores only the live chunks of the whole batch, a
+    fixed number per step (one batched GEMM over the gathered chunks), straight into a
+    ``-inf``-initialised ``[B, P * block]`` buffer in which row ``b`` holds query ``b``'s
+    live blocks first. ``lax.top_k`` then selects over each row's first ``L`` blocks, ``L``
+    the smallest power of two (from ``P / 16``) that holds the longest list (``lax.switch``
+    over static sizes). Padding and filtered-out blocks cost nothing but the compaction,
+    so a selective filter makes the scan cheaper, and queries with few live blocks do not
+    wait for the others.
     """
     _check(q, codes, scale, blocks, pmask, k, block)
     if by not in ("auto", "blocks", "items"):
@@ -86,44 +89,52 @@ def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
     b, p = blocks.shape
     d = codes.shape[1]
     qc, qs = quantize_rows(q)
-    qf = qc.astype(jnp.float32)
-    total = b * p
-    g = max(1, min(step_items // block, total))                 # pairs per step
-    n_steps = -(-total // g)
     live = jnp.any(pmask != 0, axis=-1)                          # [B, P]
     count = jnp.sum(live, axis=1, dtype=jnp.int32)               # live pairs per query
     kk = min(k, p * block)
 
     def by_blocks():      # its set-up lives in the branch: the item path never pays for it
-        order = jnp.argsort(~live.reshape(-1), stable=True)      # live pairs first
-        pad = n_steps * g - total
-        pair_q = jnp.pad(order // p, (0, pad))
-        pair_blk = jnp.pad(blocks.reshape(-1)[order], (0, pad))
-        pair_m = jnp.pad(pmask.reshape(total, -1)[order], ((0, pad), (0, 0)))
-        first = jnp.cumsum(count) - count                        # each query's segment
+        c = max(1, min(chunk_blocks, p))                         # blocks per chunk
+        nc = -(-p // c)                                          # chunk slots per query
+        pc = nc * c
+        order = jnp.argsort(~live, axis=1, stable=True)          # live blocks first
+        sblk = jnp.pad(jnp.take_along_axis(blocks, order, axis=1), ((0, 0), (0, pc - p)))
+        smask = jnp.pad(jnp.take_along_axis(pmask, order[:, :, None], axis=1),
+                        ((0, 0), (0, pc - p), (0, 0))).reshape(b, nc, c, -1)
+        nch = (count + c - 1) // c                               # live chunks per query
+        chunk_live = jnp.arange(nc)[None, :] < nch[:, None]      # [B, nc]
+        s_per = max(1, min(step_items // (c * block), b * nc))   # chunks per step
+        n_steps = -(-(b * nc) // s_per)
+        # live chunks first; the padding repeats the last chunk (rewritten identically)
+        corder = jnp.pad(jnp.argsort(~chunk_live.reshape(-1), stable=True).astype(jnp.int32),
+                         (0, n_steps * s_per - b * nc), mode="edge")
+        sblk3 = sblk.reshape(b, nc, c)
         codes_b = codes.reshape(-1, block, d)
         scale_b = scale.reshape(-1, block)
         bits = jnp.arange(32, dtype=jnp.uint32)
 
         def body(i, buf):
-            blk = lax.dynamic_slice_in_dim(pair_blk, i * g, g)
-            qq = lax.dynamic_slice_in_dim(pair_q, i * g, g)
-            m = lax.dynamic_slice_in_dim(pair_m, i * g, g)
-            s = (exact_row_dot(codes_b[blk], qf[qq][:, None, :]) * scale_b[blk]) \
-                * qs[qq][:, None]
-            ok = ((m[..., None] >> bits) & 1).reshape(g, block).astype(bool)
-            return lax.dynamic_update_slice_in_dim(buf, jnp.where(ok, s, NEG_INF), i * g, 0)
+            ids = lax.dynamic_slice_in_dim(corder, i * s_per, s_per)
+            qq, j = ids // nc, ids % nc
+            blk = sblk3[qq, j]                                   # [S, c]
+            x = codes_b[blk].reshape(s_per, c * block, d)
+            s = (int8_row_dots(x, qc[qq]).reshape(s_per, c, block) * scale_b[blk]) \
+                * qs[qq][:, None, None]
+            ok = ((smask[qq, j][..., None] >> bits) & 1).reshape(s_per, c, block)
+            return buf.at[qq, j].set(jnp.where(ok.astype(bool), s, NEG_INF).reshape(
+                s_per, c * block))
 
-        steps = (jnp.sum(count) + g - 1) // g
+        steps = (jnp.sum(nch) + s_per - 1) // s_per
         buf = lax.fori_loop(0, steps, body,
-                            jnp.full((n_steps * g, block), NEG_INF, jnp.float32))
-        # top_k over each query's segment, read into rows of L = size blocks (static sizes)
+                            jnp.full((b, nc, c * block), NEG_INF, jnp.float32))
+        # row b holds query b's live blocks in probe order, then -inf: top_k over the
+        # first L blocks, L the smallest power of two (from P / 16) holding the longest
+        buf = buf.reshape(b, pc * block)
         smallest = max(-(-kk // block), p // 16, 1)
-        sizes = sorted({min(p, smallest << i) for i in range(p.bit_length() + 1)})
+        sizes = sorted({min(pc, smallest << i) for i in range(pc.bit_length() + 1)})
         which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.max(count))
-        v, pos = lax.switch(which, [_segment_topk(sz, count, first, kk, block)
-                                    for sz in sizes], buf)
-        return v, pair_blk[pos // block] * block + pos % block
+        v, pos = lax.switch(which, [_leading_topk(sz * block, kk) for sz in sizes], buf)
+        return v, jnp.take_along_axis(sblk, pos // block, axis=1) * block + pos % block
 
     elig = jnp.sum(lax.population_count(pmask).astype(jnp.int32), axis=(1, 2))      # [B]
 
@@ -131,9 +142,9 @@ def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
         def run():
             pos = set_bit_positions(pmask.reshape(b, -1), cap)
             rows = jnp.take_along_axis(blocks, pos // block, axis=1) * block + pos % block
-            s = (gathered_row_dots(codes, rows, qf) * scale[rows]) * qs[:, None]  # [B, cap]
+            s = (gathered_row_dots(codes, rows, qc) * scale[rows]) * qs[:, None]  # [B, cap]
             s = jnp.where(jnp.arange(cap)[None, :] < elig[:, None], s, NEG_INF)
-            v, i = lax.top_k(s, kk)
+            v, i = top_k(s, kk)
             return v, jnp.take_along_axis(rows, i, axis=1)
         return run
 
@@ -158,51 +169,15 @@ def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
     return v, rows.astype(jnp.int32)
 
 
-def _segment_topk(size: int, count, first, kk: int, block: int):
-    """Block path's selection: each query's segment of the scored buffer ``f32[pairs,
-    block]`` (``count[b]`` pairs from ``first[b]``) read into a row of ``size`` blocks, then
-    one ``lax.top_k``. Returns ``run(buf) -> (f32[B, kk], i32[B, kk])`` (buffer positions)."""
+def _leading_topk(size: int, kk: int):
+    """Block path's selection: ``run(buf f32[B, n]) -> (f32[B, kk], i32[B, kk])``, the top
+    ``kk`` of each row's first ``size`` entries (positions; -inf / 0 padded)."""
     def run(buf):
-        t = jnp.arange(size * block)
-        slot = t // block
-        ok = slot[None, :] < count[:, None]                                    # [B, L]
-        pair = jnp.where(ok, first[:, None] + slot[None, :], 0)
-        s = jnp.where(ok, buf[pair, t % block], NEG_INF)
-        v, pos = lax.top_k(s, min(kk, size * block))
-        pos = jnp.take_along_axis(pair, pos, axis=1) * block + pos % block
+        v, pos = top_k(buf[:, :size], min(kk, size))
         extra = kk - v.shape[1]
         return (jnp.pad(v, ((0, 0), (0, extra)), constant_values=NEG_INF),
                 jnp.pad(pos, ((0, 0), (0, extra))))
     return run
-
-
-def set_bit_positions(words: jax.Array, cap: int) -> jax.Array:
-    """Positions of the set bits of each row, in order: ``u32[B, W]`` -> ``i32[B, cap]``.
-
-    Entry ``j`` of row ``b`` is the bit index (``32 * word + bit``) of the ``j``-th set bit;
-    entries past the row's popcount are unspecified (mask them). Word level first: each
-    non-empty word's first output slot gets its word index (a scatter of ``W`` values, not
-    of ``32 W`` bits) and a running max spreads it over the word's slots; then the bit
-    inside the word is found by a 5-step binary search on popcounts. ~5x ``jnp.nonzero``
-    on XLA:CPU (32 x 58k bits: 1.6 vs 8.8 ms).
-    """
-    b, nw = words.shape
-    pc = lax.population_count(words).astype(jnp.int32)
-    before = jnp.cumsum(pc, axis=1) - pc                        # set bits in earlier words
-    slot = jnp.where(pc > 0, before, cap)                       # empty words: dropped
-    start = jnp.zeros((b, cap), jnp.int32).at[jnp.arange(b)[:, None], slot].max(
-        jnp.broadcast_to(jnp.arange(nw, dtype=jnp.int32), (b, nw)), mode="drop")
-    wi = lax.cummax(start, axis=1)                              # word of each output slot
-    rank = jnp.arange(cap, dtype=jnp.int32)[None, :] - jnp.take_along_axis(before, wi, axis=1)
-    w = jnp.take_along_axis(words, wi, axis=1)
-    bit = jnp.zeros_like(rank)
-    for width in (16, 8, 4, 2, 1):                              # rank-th set bit of w
-        low = lax.population_count((w >> bit.astype(jnp.uint32))
-                                   & jnp.uint32((1 << width) - 1)).astype(jnp.int32)
-        up = rank >= low
-        bit = bit + jnp.where(up, width, 0)
-        rank = rank - jnp.where(up, low, 0)
-    return wi * 32 + bit
 
 
 def _pow2_floor(x: int) -> int:

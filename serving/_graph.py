@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from pallas_kernels._select import top_k
 from pallas_kernels.int8_topk import NEG_INF
 from st_jax._filter_index import filter_mask
 from st_jax._filter_lang import FilterProgram
@@ -213,7 +214,7 @@ def retrieve_stage(spec: GraphSpec, indexes, u, inputs: dict, k0: int):
         allv = jnp.concatenate([vals, fv], axis=1)
         allr = jnp.concatenate([rows, jnp.where(fs >= 0, fs + num_main, -1)], axis=1)
         alli = jnp.concatenate([ids, store.ids[slot].astype(ids.dtype)], axis=1)
-        vals, pos = lax.top_k(allv, k0)
+        vals, pos = top_k(allv, k0)
         rows = jnp.where(vals > NEG_INF, jnp.take_along_axis(allr, pos, axis=1), -1)
         ids = jnp.take_along_axis(alli, pos, axis=1)
         if emb is not None:

@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pallas_kernels._select import top_k
 from pallas_kernels.int8_topk import NEG_INF, pack_mask, padded_rows
 from st_jax._filter_index import (FIRST_EXACT_ROW, VALID_ROW, FilterIndex, FilterSchema,
                                   _field_pairs, bloom_positions, compile_filter,
@@ -838,7 +839,7 @@ def _merged_core(main: Index, store: Index, q, allow, prog, fresh_allow, fprog, 
     vals = jnp.concatenate([mv, fv], axis=1)                             # [B, 2 kk]
     ids = jnp.concatenate([mids.astype(store.ids.dtype), fids], axis=1)
     src = jnp.concatenate([jnp.zeros_like(mr), jnp.ones_like(fr)], axis=1)
-    top, pos = lax.top_k(vals, kk)             # the kk best Int8 candidates (ties: main first)
+    top, pos = top_k(vals, kk)             # the kk best Int8 candidates (ties: main first)
     ids = jnp.take_along_axis(ids, pos, axis=1)
     src = jnp.take_along_axis(src, pos, axis=1)
     if rerank:                                 # as search(): exact scores of those kk, top k
@@ -847,7 +848,7 @@ def _merged_core(main: Index, store: Index, q, allow, prog, fresh_allow, fprog, 
         ex_f = float_scores(store.cache, fr, qf)
         exact = jnp.take_along_axis(jnp.concatenate([ex_m, ex_f], axis=1), pos, axis=1)
         exact = jnp.where(top > NEG_INF, exact, NEG_INF)
-        top, p2 = lax.top_k(exact, k)
+        top, p2 = top_k(exact, k)
         ids = jnp.take_along_axis(ids, p2, axis=1)
         src = jnp.take_along_axis(src, p2, axis=1)
     ok = top > NEG_INF

@@ -60,6 +60,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from pallas_kernels._select import top_k
 from pallas_kernels.int8_topk import NEG_INF, pack_mask, padded_rows
 from st_jax._filter_index import FilterIndex, filter_mask, segment_positions
 from st_jax._index import Index
@@ -454,11 +455,11 @@ def _sharded_core(sidx: ShardedIndex, q, mask, prog, exclude, *, k: int, nprobe:
     vals, ids, rows = flat(vals), flat(ids), flat(rows)
     exact = None if exact is None else flat(exact)
     cache = None if cache is None else flat(cache)
-    top, pos = lax.top_k(vals, kk)                   # the global R*k best Int8 candidates
+    top, pos = top_k(vals, kk)                   # the global R*k best Int8 candidates
     ids, rows, exact, cache = (pick(x, pos) for x in (ids, rows, exact, cache))
     if rerank:
         ex = jnp.where(top > NEG_INF, exact, NEG_INF)
-        top, p2 = lax.top_k(ex, k)
+        top, p2 = top_k(ex, k)
         ids, rows, cache = (pick(x, p2) for x in (ids, rows, cache))
     ok = top > NEG_INF
     out = (top, jnp.where(ok, ids, -1), jnp.where(ok, rows, -1), path[0], cache)

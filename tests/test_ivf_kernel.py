@@ -138,6 +138,22 @@ def test_twin_item_path_equals_block_path(rng, k):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.parametrize("chunk,step", [(1, 64), (3, 192), (7, 4096), (32, 32768)])
+def test_twin_block_path_chunking(rng, chunk, step):
+    """Chunks of ``chunk`` probed blocks, several per loop step, queries of very different
+    live counts (0 to all of P = 45): every chunking gives the brute-force result."""
+    b, p, nb, d, k = 5, 45, 90, 48, 300
+    q, codes, scale, _, _, _ = make(rng, b=b, nb=nb, d=d, p=p)
+    blocks = unique_blocks(rng, b, nb, p)
+    density = np.array([0.0, 0.02, 0.3, 1.0, 0.7])[:, None, None]
+    bits = rng.random((b, p, 64)) < density
+    bits[4, :30] = False                               # live blocks only at the end
+    pm = jnp.asarray(np.packbits(bits, axis=-1, bitorder="little").view(np.uint32))
+    got = ivf_topk_reference(q, codes, scale, blocks, pm, k=k, block=64, by="blocks",
+                             chunk_blocks=chunk, step_items=step)
+    ids_match(tuple(map(np.asarray, got)), brute(q, codes, scale, blocks, bits, k, 64))
+
+
 def test_dispatcher_and_errors(rng):
     q, codes, scale, blocks, pm, _ = make(rng)
     a = ivf_topk(q, codes, scale, blocks, pm, k=7, block=64)
