@@ -25,6 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+# faiss's OpenMP workers must not spin between its calls (libgomp's default): timed
+# alternately with st_jax, the spinning took the 2 cores from st_jax's next call (its IVF
+# search ~10 % slower); faiss itself measured no slower with PASSIVE. Read at import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import faiss
 import jax
 import numpy as np

@@ -12,16 +12,27 @@ IndexIVFScalarQuantizer(QT_8bit) with SearchParametersIVF(sel=, nprobe=), IndexH
 with SearchParametersHNSW(sel=, efSearch=). Writes bench/results/ivf_<platform>.json and a
 recall-QPS plot ivf_<platform>.png beside it.
 
+Head to head: the sweep's methods are timed per probe width, so a comparison across widths
+(st_jax at nprobe 8 vs faiss at nprobe 16) mixes machine phases. For every filter and k,
+the two fastest configurations of each side reaching recall >= 0.95 (st_jax with or
+without rerank; faiss IVF-SQ8) are therefore timed again together, interleaved, with 3x
+the repeats; ``head_to_head`` in the JSON keeps each side's faster one and the QPS ratio.
+
     python bench/ivf.py                      # full (~15-25 min on 2 cores, HNSW build included)
     python bench/ivf.py --items 100000 --nlist 256 --no-hnsw    # quick
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
+# faiss's OpenMP workers must not spin between its calls (libgomp's default): timed
+# alternately with st_jax, the spinning took the 2 cores from st_jax's next call (its IVF
+# search ~10 % slower); faiss itself measured no slower with PASSIVE. Read at import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import faiss
 import jax
 import numpy as np
@@ -56,7 +67,7 @@ def main(argv=None):
     ap.add_argument("--nlist", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--ks", type=int, nargs="+", default=[100, 1024])
-    ap.add_argument("--nprobes", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    ap.add_argument("--nprobes", type=int, nargs="+", default=[8, 12, 16, 24, 32, 64, 128])
     ap.add_argument("--efs", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--rerank", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=9)
@@ -89,9 +100,11 @@ def main(argv=None):
     print("build seconds", builds, flush=True)
 
     rng = np.random.default_rng(11)
-    rows = []
+    rows, h2h = [], []
     for fname, allow in filters(cat, rng, args.items).items():
         eligible = args.items if allow is None else int(allow.sum())
+        # the mask lives on the device, as a served filter's would (no per-call upload)
+        allow_dev = None if allow is None else jax.device_put(allow)
         sel = None if allow is None else faiss.IDSelectorBitmap(
             np.packbits(allow, bitorder="little"))
         for k in args.ks:
@@ -99,11 +112,14 @@ def main(argv=None):
             truth = (flat.search(q, k) if sel is None else
                      flat.search(q, k, params=faiss.SearchParameters(sel=sel)))[1]
 
+            fns = {}                  # (method, knob) -> fn, for the head to head
+
             def record(group):
                 """``group``: (method, knob, fn, extra) timed together, interleaved."""
                 secs = interleaved_medians({(m, kn): fn for m, kn, fn, _ in group},
                                            args.repeats)
                 for method, knob, fn, extra in group:
+                    fns[(method, knob)] = fn
                     sec = secs[(method, knob)]
                     ids = fn()
                     row = {"filter": fname, "eligible": eligible, "k": k, "method": method,
@@ -122,8 +138,8 @@ def main(argv=None):
                 for rr in (None, args.rerank):
                     def run_st(nprobe=nprobe, rr=rr):
                         return np.asarray(jax.block_until_ready(
-                            st.search(index, q, k, allow, nprobe=nprobe, rerank=rr)).ids)
-                    res = st.search(index, q, k, allow, nprobe=nprobe, rerank=rr)
+                            st.search(index, q, k, allow_dev, nprobe=nprobe, rerank=rr)).ids)
+                    res = st.search(index, q, k, allow_dev, nprobe=nprobe, rerank=rr)
                     path = np.asarray(res.path)
                     group.append(("st_jax" + (f"+rerank{rr}" if rr else ""),
                                   f"nprobe={nprobe}", run_st,
@@ -143,6 +159,8 @@ def main(argv=None):
                                   lambda params=params: hnsw.search(q, k, params=params)[1],
                                   None))
                 record(group)
+            h2h.append(head_to_head(rows, fns, fname, k, args.repeats * 3, args.batch))
+            print("head to head:", h2h[-1], flush=True)
 
     payload = {"benchmark": "ivf", "machine": machine_info(),
                "params": vars(args) | {"data": "clustered_catalogue(seed=0)",
@@ -151,12 +169,40 @@ def main(argv=None):
                "bytes_per_item": {"st_jax": index.bytes_per_item(),
                                   "st_jax_without_rerank_cache": index.bytes_per_item()
                                   - 2 * args.dim * index.num_rows / args.items},
-               "results": rows}
+               "results": rows, "head_to_head": h2h}
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"ivf_{jax.devices()[0].platform}.json"
     write_json(out, payload)
     plot(rows, out.with_suffix(".png"))
     print("wrote", out)
+
+
+def head_to_head(rows, fns, fname, k, repeats, batch, target=0.95):
+    """Re-times, interleaved, the two fastest configurations of st_jax (any rerank) and of
+    faiss IVF-SQ8 that reach ``target`` recall for (``fname``, ``k``); returns each side's
+    faster one (None when a side never reaches it) and the QPS ratio."""
+    sides = {"st_jax": lambda m: m.startswith("st_jax"),
+             "faiss_ivf_sq8": lambda m: m == "faiss_ivf_sq8"}
+    picks = {}
+    for side, is_side in sides.items():
+        ok = [r for r in rows if r["filter"] == fname and r["k"] == k and is_side(r["method"])
+              and r["recall"] >= target]
+        picks[side] = sorted(ok, key=lambda r: r["ms_per_batch"])[:2]
+    cand = [r for rs in picks.values() for r in rs]
+    secs = interleaved_medians({(r["method"], r["knob"]): fns[(r["method"], r["knob"])]
+                                for r in cand}, repeats) if cand else {}
+    out = {"filter": fname, "k": k, "target_recall": target}
+    for side, rs in picks.items():
+        if not rs:
+            out[side] = None
+            continue
+        best = min(rs, key=lambda r: secs[(r["method"], r["knob"])])
+        sec = secs[(best["method"], best["knob"])]
+        out[side] = {"method": best["method"], "knob": best["knob"], "recall": best["recall"],
+                     "qps": batch / sec, "ms_per_batch": sec * 1e3}
+    s, f = out["st_jax"], out["faiss_ivf_sq8"]
+    out["speedup"] = s["qps"] / f["qps"] if s and f else None
+    return out
 
 
 def plot(rows, path):

@@ -81,6 +81,18 @@ def ivf():
                    f"{best['slots_filled']:.2f} |")
     bs = d["build_seconds"]
     out += ["", "Build seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in bs.items()) + "."]
+    if d.get("head_to_head"):
+        out += ["", "Head to head at recall ≥ 0.95 (each side's two fastest configurations from "
+                "the sweep, timed again together, interleaved):", "",
+                "| filter | k | st_jax (knob) | recall | QPS | faiss IVF-SQ8 (knob) | recall | QPS "
+                "| st_jax / faiss |", "|---|---|---|---|---|---|---|---|---|"]
+        for h in d["head_to_head"]:
+            s, f = h["st_jax"], h["faiss_ivf_sq8"]
+            cell = (lambda x: (f"{x['method']} ({x['knob']}) | {x['recall']:.3f} | "
+                               f"{x['qps']:.0f}") if x else "never reached | — | —")
+            ratio = f"{h['speedup']:.2f}×" if h["speedup"] else ("faiss never reaches it" if s
+                                                                 else "—")
+            out.append(f"| {h['filter']} | {h['k']} | {cell(s)} | {cell(f)} | {ratio} |")
     return "\n".join(out)
 
 
