@@ -105,16 +105,23 @@ def threshold_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     nfin = jnp.sum(finite, axis=1, dtype=jnp.int32)
     need = jnp.minimum(k, nfin)
     taus = best[:, jnp.asarray(ranks) - 1]                              # [B, T], highest first
-    counts = jnp.sum(finite[:, :, None] & (x[:, :, None] >= taus[:, None, :]), axis=1,
-                     dtype=jnp.int32)                                   # [B, T]
-    # per row: the highest threshold keeping `need` entries (all finite ones if <= k)
-    j = jnp.sum(counts < need[:, None], axis=1)                          # [B]
-    few = nfin <= k
-    pick = jnp.minimum(j, _THRESHOLDS - 1)[:, None]
-    c = jnp.where(few, nfin, jnp.take_along_axis(counts, pick, axis=1)[:, 0])
-    tau = jnp.take_along_axis(taus, pick, axis=1)
+
+    def count(j):                    # entries kept by each row's threshold j: i32[B]
+        t = jnp.take_along_axis(taus, j[:, None], axis=1)
+        return jnp.sum(finite & (x >= t), axis=1, dtype=jnp.int32)
+
+    # per row, the highest threshold keeping `need` entries: a binary search over the T
+    # thresholds (log2 T row reductions, not T)
+    lo, hi = jnp.zeros((b,), jnp.int32), jnp.full((b,), _THRESHOLDS - 1, jnp.int32)
+    for _ in range((_THRESHOLDS - 1).bit_length()):
+        mid = (lo + hi) // 2
+        enough = count(mid) >= need
+        lo, hi = jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+    few = nfin <= k                  # then every finite entry is a candidate
+    tau = jnp.take_along_axis(taus, lo[:, None], axis=1)
     cand = jnp.where(few[:, None], finite, finite & (x >= tau))
-    ok = jnp.all(few | ((j < _THRESHOLDS) & (c <= cap)))
+    c = jnp.sum(cand, axis=1, dtype=jnp.int32)
+    ok = jnp.all(c >= need) & jnp.all(few | (c <= cap))
     slot = jnp.arange(k, dtype=jnp.int32)[None, :]
 
     def by_threshold(x):
