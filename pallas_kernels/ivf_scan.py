@@ -69,7 +69,7 @@ def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
     **Items** (selective partial masks): each query's eligible items are compacted, in
     probe order, into ``[B, cap]`` storage rows (``cap`` a power of two from ``k``, chosen
     by ``lax.switch``), scored one query at a time (:func:`gathered_row_dots`) and selected
-    by one ``lax.top_k``: with a 10 % filter this scores a tenth of the rows the block scan
+    by one top-k: with a 10 % filter this scores a tenth of the rows the block scan
     reads.
 
     **Blocks**: each query's probed blocks that hold an eligible item are moved to the
@@ -77,11 +77,13 @@ def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
     with a data-dependent trip count scores only the live chunks of the whole batch, a
     fixed number per step (one batched GEMM over the gathered chunks), straight into a
     ``-inf``-initialised ``[B, P * block]`` buffer in which row ``b`` holds query ``b``'s
-    live blocks first. ``lax.top_k`` then selects over each row's first ``L`` blocks, ``L``
+    live blocks first. The top-k then selects over each row's first ``L`` blocks, ``L``
     the smallest power of two (from ``P / 16``) that holds the longest list (``lax.switch``
     over static sizes). Padding and filtered-out blocks cost nothing but the compaction,
     so a selective filter makes the scan cheaper, and queries with few live blocks do not
-    wait for the others.
+    wait for the others. Both paths select with :func:`pallas_kernels._select.top_k`
+    (``lax.top_k``'s result; a threshold and one sort of ~1.3 k candidates on CPU for large
+    k).
     """
     _check(q, codes, scale, blocks, pmask, k, block)
     if by not in ("auto", "blocks", "items"):
