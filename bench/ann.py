@@ -84,7 +84,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--rerank", type=int, default=2,
                     help="R for the st_jax + exact re-rank configuration (bf16 cache)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--no-malloc-tuning", action="store_true",
+                    help="leave glibc's malloc as it is (default: st.tune_cpu_malloc(), for both st_jax and faiss: they share the process)")
     args = ap.parse_args(argv)
+    args.malloc_tuned = not args.no_malloc_tuning and st.tune_cpu_malloc()
     faiss.omp_set_num_threads(args.threads)
 
     cat = clustered_catalogue(args.items, args.dim, num_queries=args.batch, seed=0)
@@ -165,6 +168,7 @@ def main(argv=None) -> dict:
         "params": {"items": args.items, "dim": args.dim, "batch": args.batch, "ks": args.ks,
                    "pass_rates": args.pass_rates, "repeats": args.repeats,
                    "threads": args.threads, "filters": "uniform random, shared by the batch",
+                   "malloc_tuned": args.malloc_tuned,
                    "data": "clustered_catalogue(seed=0): unit-norm, 256 Zipf-sized clusters"},
         "bytes_per_item": {"st_jax": index.bytes_per_item(),
                            "st_jax_with_bf16_cache": index_rr.bytes_per_item(),

@@ -142,33 +142,18 @@ def _pad_k(vals, idx, k):
 # plain-XLA twin (fast on CPU)
 # --------------------------------------------------------------------------------------
 
-_EXACT_F32_D = 1024  # 127 * 127 * 1024 < 2**24: an f32 dot of int8 codes is exact up to here
-
-
 def _int_dot_f32(qc: jax.Array, codes: jax.Array) -> jax.Array:
     """Exact integer dot ``f32[B, C]`` of ``i8[B, D]`` and ``i8[C, D]`` on CPU.
 
-    XLA's int8 dot on CPU is slow; int8 codes are exact in bf16 (|v| <= 127 < 2**8), so a
-    bf16 x bf16 -> f32 dot (AVX512-BF16 where available; measured ~3x faster than the int8 dot
-    and ~20% faster than f32) gives the exact integer result while the running sum stays
-    below 2**24, i.e. for up to 1024 features; longer rows are split into exact partial sums
-    added in int32.
+    One int8 GEMM with int32 accumulation, the items as its left operand (``[C, D] x [D,
+    B]``, then transposed): XLA:CPU (jax 0.12, YNNPACK) runs it ~2.5x faster than the
+    bf16 x bf16 -> f32 dot this twin used before (32 queries x 1M items x 128: 24-28 ms
+    against 60-70 ms, AMD EPYC with AVX512-VNNI), and it is exact for any ``D < 2**17``.
+    The f32 result equals the integer while below 2**24 (always for ``D <= 1024``).
     """
-    d = qc.shape[1]
-    qb = qc.astype(jnp.bfloat16)
-    cb = codes.astype(jnp.bfloat16)
-
-    def dot(a, b):
-        return lax.dot_general(a, b, (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
-
-    if d <= _EXACT_F32_D:
-        return dot(qb, cb)
-    acc = None
-    for s in range(0, d, _EXACT_F32_D):
-        part = dot(qb[:, s:s + _EXACT_F32_D], cb[:, s:s + _EXACT_F32_D]).astype(jnp.int32)
-        acc = part if acc is None else acc + part
-    return acc.astype(jnp.float32)
+    out = lax.dot_general(codes, qc, (((1,), (1,)), ((), ())),
+                          preferred_element_type=jnp.int32)
+    return out.T.astype(jnp.float32)
 
 
 _GEMV_COLS = 4   # query columns of the GEMM behind a matrix-vector product (see int8_row_dots)
@@ -191,11 +176,26 @@ def int8_row_dots(x: jax.Array, qc: jax.Array) -> jax.Array:
     return out[..., 0].astype(jnp.float32)
 
 
-def gathered_row_dots(codes: jax.Array, rows: jax.Array, qc: jax.Array) -> jax.Array:
+def gathered_row_dots(codes: jax.Array, rows: jax.Array, qc: jax.Array, *,
+                      step_rows: int = 16384) -> jax.Array:
     """Exact integer dots ``f32[B, M]`` of the item rows ``rows i32[B, M]`` of ``codes
-    i8[N, D]`` with int8 queries ``qc i8[B, D]``, one query at a time (the ``[M, D]``
-    gather of one query is the only temporary)."""
-    return lax.map(lambda a: int8_row_dots(codes[a[0]][None], a[1][None])[0], (rows, qc))
+    i8[N, D]`` with int8 queries ``qc i8[B, D]``.
+
+    Queries go in groups of ``g = clip(step_rows // M, 1, B)`` per loop step (one batched
+    :func:`int8_row_dots` over the ``[g, M, D]`` gather, the only temporary): each GEMM
+    call has a fixed cost on XLA:CPU, so short rows are grouped (32 queries x 1-2k rows:
+    1.5-1.9x faster than one query per step; from 4k rows the same).
+    """
+    b, m = rows.shape
+    g = max(1, min(b, step_rows // max(m, 1)))
+    steps = -(-b // g)
+    pad = steps * g - b
+    if pad:
+        rows = jnp.pad(rows, ((0, pad), (0, 0)))
+        qc = jnp.pad(qc, ((0, pad), (0, 0)))
+    out = lax.map(lambda a: int8_row_dots(codes[a[0]], a[1]),
+                  (rows.reshape(steps, g, m), qc.reshape(steps, g, -1)))
+    return out.reshape(steps * g, m)[:b]
 
 
 def int8_scores_reference(q, codes, scale, mask=None, *, num_valid=None):

@@ -68,7 +68,7 @@ def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
 
     **Items** (selective partial masks): each query's eligible items are compacted, in
     probe order, into ``[B, cap]`` storage rows (``cap`` a power of two from ``k``, chosen
-    by ``lax.switch``), scored one query at a time (:func:`gathered_row_dots`) and selected
+    by ``lax.switch``), scored in groups of queries (:func:`gathered_row_dots`) and selected
     by one top-k: with a 10 % filter this scores a tenth of the rows the block scan
     reads.
 

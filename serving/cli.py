@@ -170,11 +170,14 @@ def _serve(args) -> int:
             return 2
     if args.fresh_capacity is not None:
         kw["fresh_capacity"] = args.fresh_capacity
+    import jax
     if args.shard:
-        import jax
         import numpy as np
         from jax.sharding import Mesh
         kw["mesh"] = Mesh(np.array(jax.devices()), ("items",))
+    if jax.default_backend() == "cpu":      # XLA:CPU temporaries: no per-call page faults
+        from st_jax import tune_cpu_malloc
+        tune_cpu_malloc()
     cfg = ServerConfig(bundle=args.bundle, max_batch=args.max_batch,
                        max_wait_ms=args.max_wait_ms, queue=args.queue,
                        max_users=args.max_users, max_k=args.max_k, poll_s=args.poll_s,

@@ -9,9 +9,11 @@ Public API (kept small):
     res = st.search(index, q, k, filter="genre:Comedy AND NOT year:1995", nprobe=32)
     st.fresh.add(index, st.fresh.create_fresh(index, 1000), ids, emb, attrs)   # updates
     st.sharded_search(st.shard_index(index, mesh), q, k)   # items across devices (flat or IVF)
+    st.tune_cpu_malloc()        # CPU serving: stop XLA's per-call temporaries page-faulting
 """
 from st_jax._filter_lang import F, FilterError
 from st_jax._index import Index, build_index
+from st_jax._malloc import tune_cpu_malloc
 from st_jax._quant import dequantize, quantize_int8, score_error_bound
 from st_jax._search import search
 from st_jax._shard import ShardedIndex, shard_index, sharded_search
@@ -21,5 +23,6 @@ from st_jax._types import Int8Matrix, SearchResult
 __all__ = [
     "F", "FilterError", "Index", "Int8Matrix", "SearchResult", "build_index", "dequantize", "quantize_int8",
     "ShardedIndex", "fresh", "score_error_bound", "search", "shard_index", "sharded_search",
+    "tune_cpu_malloc",
 ]
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels._select import top_k
+from pallas_kernels._select import set_bit_positions, top_k
 from pallas_kernels.int8_topk import BACKENDS, MAX_K, NEG_INF, int8_topk, pack_mask, unpack_mask
 from st_jax._filter_index import compile_filter, filter_mask
 from st_jax._filter_lang import Const, Expr, FilterError, parse_filter
@@ -76,8 +76,9 @@ def _flat_rows(codes, scale, q, mask, *, k: int, backend: str, num_valid: int):
 
     def sparse(cap):
         def run():
-            rows = jnp.nonzero(unpack_mask(union, n_rows), size=cap, fill_value=0)[0]
+            # word-level compaction (~5x jnp.nonzero over the N bits on XLA:CPU)
             in_use = jnp.arange(cap) < eligible
+            rows = jnp.where(in_use, set_bit_positions(union[None], cap)[0], 0)
             if mask.ndim == 1:
                 sub_mask = pack_mask(in_use)
             else:
