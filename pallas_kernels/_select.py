@@ -81,16 +81,18 @@ def _plan(k: int, n: int = 0) -> tuple[int, int, int, int]:
     at most ``cap`` candidates are kept. About ``stride`` entries lie above each sampled
     one, so threshold ``j`` keeps ~``k + j * stride * step`` entries, ``step ~ sqrt(r0)``
     apart (about the sampling noise of that count): the chosen one keeps ``k`` to
-    ``k + ~2 * stride * step``. ``stride`` is 8, or for rows longer than ``8 * _SAMPLE``
-    the power of two keeping ~``_SAMPLE`` samples (the sample's ``lax.top_k`` costs in
-    proportion to its length), but at most ``k / 32`` so ``r0 >= 32`` (sampling noise)."""
-    stride = max(_STRIDE, min(_pow2_floor(n // _SAMPLE), _pow2_floor(k // 32)))
+    ``k + ~2 * stride * step``. ``stride`` is 8, or for rows of ``16 * _SAMPLE`` entries
+    and more the power of two keeping ~``_SAMPLE`` samples (the sample's ``lax.top_k``
+    costs in proportion to its length), but at most ``k / 32`` so ``r0 >= 32`` (sampling
+    noise)."""
+    stride = max(_STRIDE, min(pow2_floor(n // _SAMPLE), pow2_floor(k // 32)))
     r0 = -(-k // stride)
     step = max(1, math.isqrt(r0 - 1) + 1)                     # ceil(sqrt(r0))
     return stride, r0, step, k + 3 * stride * step + 32
 
 
-def _pow2_floor(x: int) -> int:
+def pow2_floor(x: int) -> int:
+    """The largest power of two <= ``max(1, x)``."""
     return 1 << (max(1, int(x)).bit_length() - 1)
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._select import set_bit_positions, top_k
+from pallas_kernels._select import pow2_floor, set_bit_positions, top_k
 from pallas_kernels.int8_topk import (BACKENDS, NEG_INF, _pow2_ceil, exact_topk_from_tiles,
                                       gathered_row_dots, int8_row_dots, padded_dim,
                                       quantize_rows)
@@ -151,7 +151,7 @@ def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
         return run
 
     lo = max(kk, 128)
-    hi = {"auto": _pow2_floor(p * block // 4), "items": max(lo, _pow2_ceil(p * block)),
+    hi = {"auto": pow2_floor(p * block // 4), "items": max(lo, _pow2_ceil(p * block)),
           "blocks": 0}[by]
     caps = [lo << i for i in range(32) if lo << i <= hi]
     if not caps:
@@ -180,10 +180,6 @@ def _leading_topk(size: int, kk: int):
         return (jnp.pad(v, ((0, 0), (0, extra)), constant_values=NEG_INF),
                 jnp.pad(pos, ((0, 0), (0, extra))))
     return run
-
-
-def _pow2_floor(x: int) -> int:
-    return 1 << (max(1, int(x)).bit_length() - 1)
 
 
 def _reduce2(op, x):
