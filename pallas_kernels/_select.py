@@ -4,12 +4,12 @@
   of the set bits of packed words.
 - :func:`top_k`: ``lax.top_k``'s result (values best first, ties by lower position),
   computed on CPU for large ``k`` by a threshold, a compaction and one sort of about
-  ``1.3 k`` candidates (inputs must not hold NaN; scores never do). XLA:CPU's ``TopK``
+  ``1.3-1.6 k`` candidates (inputs must not hold NaN; scores never do). XLA:CPU's ``TopK``
   orders its ``k`` outputs through a heap with an out-of-line comparator, ~0.25 ms per
-  row at k = 1024 whatever the row length; the threshold path is 1.2-2.3x faster from
-  k = 400 (32 rows of 8-16k scores: k = 1024 in 2-6 ms instead of 5-10 ms, k = 4096 in
-  6-14 ms instead of 12-29 ms; slower at k = 256). Elsewhere (GPU, smaller k) it is
-  ``lax.top_k`` itself.
+  row at k = 1024 whatever the row length; the threshold path is 1.2-2.8x faster from
+  k = 400 (32 rows at k = 1024: 16k scores in 3.6 ms instead of 11 ms, 131k in 8.8 ms
+  instead of 25 ms; k = 4096 over 8-16k in 6-14 ms instead of 12-29 ms; slower at
+  k = 256). Elsewhere (GPU, smaller k) it is ``lax.top_k`` itself.
 """
 from __future__ import annotations
 

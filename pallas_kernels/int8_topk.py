@@ -221,18 +221,18 @@ def int8_topk_reference(q, codes, scale, mask=None, *, k: int, num_valid: int | 
       mask: ``u32[W]``, ``u32[B, W]`` (``W = ceil(N / 32)``) or None (all eligible).
       k: results per query, ``1 <= k``; ``k > N`` allowed (padded).
       num_valid: items ``>= num_valid`` are padding and never returned.
-      chunk: items converted to f32 per step (bounded temporaries).
+      chunk: items scored per step (one int8 GEMM; bounded temporaries).
       fanout: branching factor of the exact hierarchical top-k.
     Returns:
       ``(scores f32[B, k], ids i32[B, k])``, best first, ``-inf`` / ``-1`` padded.
 
-    Algorithm: pass 1 scores the items chunk by chunk, slicing the item matrix in place (the
-    int8 → bf16 conversion stays in cache), and keeps only the maxima of groups of ``fanout``
-    and ``fanout**2`` consecutive items. Then an exact hierarchical selection: the k best large
-    groups by maximum, the k best of their sub-groups; pass 2 gathers those ``k * fanout``
-    items per query and rescores them exactly (gather, int8 → f32 and dot fused, one query
-    at a time), so the ``[B, N]`` scores are never stored: storing them from the scan costs
-    more than the rescoring at every k (measured at 1M × 32: +40–85 ms, against 6 ms at
+    Algorithm: pass 1 scores the items chunk by chunk, slicing the item matrix in place
+    (one int8 GEMM per chunk, :func:`_int_dot_f32`), and keeps only the maxima of groups of
+    ``fanout`` and ``fanout**2`` consecutive items. Then an exact hierarchical selection:
+    the k best large groups by maximum, the k best of their sub-groups; pass 2 gathers
+    those ``k * fanout`` items per query and rescores them exactly
+    (:func:`gathered_row_dots`: gather and a narrow int8 GEMM, queries grouped per step),
+    so the ``[B, N]`` scores are never stored: storing them from the scan costs more than the rescoring at every k (measured at 1M × 32: +40–85 ms, against 6 ms at
     k = 256 and 23 ms at k = 1024 for the rescoring). Every true top-k item lies in a selected
     group at each level, since its group's maximum is at least its score (ties at the k-th
     value aside).
