@@ -85,7 +85,8 @@ def main(argv=None) -> dict:
                     help="R for the st_jax + exact re-rank configuration (bf16 cache)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--no-malloc-tuning", action="store_true",
-                    help="leave glibc's malloc as it is (default: st.tune_cpu_malloc(), for both st_jax and faiss: they share the process)")
+                    help="leave glibc's malloc as it is (default: st.tune_cpu_malloc(), "
+                    "for both st_jax and faiss: they share the process)")
     args = ap.parse_args(argv)
     args.malloc_tuned = not args.no_malloc_tuning and st.tune_cpu_malloc()
     faiss.omp_set_num_threads(args.threads)

@@ -58,7 +58,8 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-malloc-tuning", action="store_true",
-                    help="leave glibc's malloc as it is (default: st.tune_cpu_malloc(), for both st_jax and faiss: they share the process)")
+                    help="leave glibc's malloc as it is (default: st.tune_cpu_malloc(), "
+                    "for both st_jax and faiss: they share the process)")
     args = ap.parse_args(argv)
     args.malloc_tuned = not args.no_malloc_tuning and st.tune_cpu_malloc()
     rng = np.random.default_rng(5)

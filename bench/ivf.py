@@ -73,7 +73,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-hnsw", action="store_true")
     ap.add_argument("--no-malloc-tuning", action="store_true",
-                    help="leave glibc's malloc as it is (default: st.tune_cpu_malloc(), for both st_jax and faiss: they share the process)")
+                    help="leave glibc's malloc as it is (default: st.tune_cpu_malloc(), "
+                    "for both st_jax and faiss: they share the process)")
     args = ap.parse_args(argv)
     args.malloc_tuned = not args.no_malloc_tuning and st.tune_cpu_malloc()
     faiss.omp_set_num_threads(faiss.omp_get_max_threads())
