@@ -41,6 +41,18 @@ from st_jax.synthetic import clustered_catalogue, recall  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def add_malloc_option(ap) -> None:
+    """``--no-malloc-tuning``; see :func:`apply_malloc_option`."""
+    ap.add_argument("--no-malloc-tuning", action="store_true",
+                    help="leave glibc's malloc as it is (default: st.tune_cpu_malloc(), "
+                    "for both st_jax and faiss: they share the process)")
+
+
+def apply_malloc_option(args) -> bool:
+    """Calls ``st.tune_cpu_malloc()`` unless ``--no-malloc-tuning``; whether it applied."""
+    return not args.no_malloc_tuning and st.tune_cpu_malloc()
+
+
 def machine_info() -> dict:
     cpu = "unknown"
     try:
@@ -84,11 +96,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--rerank", type=int, default=2,
                     help="R for the st_jax + exact re-rank configuration (bf16 cache)")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--no-malloc-tuning", action="store_true",
-                    help="leave glibc's malloc as it is (default: st.tune_cpu_malloc(), "
-                    "for both st_jax and faiss: they share the process)")
+    add_malloc_option(ap)
     args = ap.parse_args(argv)
-    args.malloc_tuned = not args.no_malloc_tuning and st.tune_cpu_malloc()
+    args.malloc_tuned = apply_malloc_option(args)
     faiss.omp_set_num_threads(args.threads)
 
     cat = clustered_catalogue(args.items, args.dim, num_queries=args.batch, seed=0)

@@ -29,7 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import st_jax as st  # noqa: E402
-from bench.ann import RESULTS, machine_info, write_json  # noqa: E402
+from bench.ann import (RESULTS, add_malloc_option, apply_malloc_option,  # noqa: E402
+                       machine_info, write_json)
 from st_jax.synthetic import clustered_catalogue, exact_filtered_topk, recall  # noqa: E402
 
 
@@ -57,11 +58,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--no-malloc-tuning", action="store_true",
-                    help="leave glibc's malloc as it is (default: st.tune_cpu_malloc(), "
-                    "for both st_jax and faiss: they share the process)")
+    add_malloc_option(ap)
     args = ap.parse_args(argv)
-    args.malloc_tuned = not args.no_malloc_tuning and st.tune_cpu_malloc()
+    args.malloc_tuned = apply_malloc_option(args)
     rng = np.random.default_rng(5)
     cat = clustered_catalogue(args.items, args.dim, num_queries=args.batch, seed=0)
     attrs, preds = attributes(args.items, rng)

@@ -39,7 +39,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import st_jax as st  # noqa: E402
-from bench.ann import RESULTS, machine_info, write_json  # noqa: E402
+from bench.ann import (RESULTS, add_malloc_option, apply_malloc_option,  # noqa: E402
+                       machine_info, write_json)
 from st_jax._timing import interleaved_medians  # noqa: E402
 from st_jax.synthetic import clustered_catalogue, recall  # noqa: E402
 
@@ -72,11 +73,9 @@ def main(argv=None):
     ap.add_argument("--rerank", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-hnsw", action="store_true")
-    ap.add_argument("--no-malloc-tuning", action="store_true",
-                    help="leave glibc's malloc as it is (default: st.tune_cpu_malloc(), "
-                    "for both st_jax and faiss: they share the process)")
+    add_malloc_option(ap)
     args = ap.parse_args(argv)
-    args.malloc_tuned = not args.no_malloc_tuning and st.tune_cpu_malloc()
+    args.malloc_tuned = apply_malloc_option(args)
     faiss.omp_set_num_threads(faiss.omp_get_max_threads())
 
     cat = clustered_catalogue(args.items, args.dim, num_queries=args.batch, seed=0)

@@ -232,8 +232,9 @@ def int8_topk_reference(q, codes, scale, mask=None, *, k: int, num_valid: int | 
     the k best large groups by maximum, the k best of their sub-groups; pass 2 gathers
     those ``k * fanout`` items per query and rescores them exactly
     (:func:`gathered_row_dots`: gather and a narrow int8 GEMM, queries grouped per step),
-    so the ``[B, N]`` scores are never stored: storing them from the scan costs more than the rescoring at every k (measured at 1M × 32: +40–85 ms, against 6 ms at
-    k = 256 and 23 ms at k = 1024 for the rescoring). Every true top-k item lies in a selected
+    so the ``[B, N]`` scores are never stored: storing them from the scan costs more than
+    the rescoring at every k (measured at 1M × 32: +40–85 ms, against 6 ms at k = 256 and
+    23 ms at k = 1024 for the rescoring). Every true top-k item lies in a selected
     group at each level, since its group's maximum is at least its score (ties at the k-th
     value aside).
     """
