@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import st_jax as st
-from st_jax._ivf import ivf_layout, probed_blocks
+from st_jax._ivf import ivf_layout, probe_list, probed_blocks
 from st_jax._quant import quantize_rows
 from st_jax.synthetic import clustered_catalogue, exact_filtered_topk, recall
 
@@ -47,10 +47,19 @@ def test_index_rows_hold_the_right_items(cat, index):
     assert sizes.max() <= 2 * N / 48 + 64          # balancing bounded the largest cluster
 
 
+def probe_of(index, q, nprobe):
+    """The ``nprobe`` best clusters' blocks, as the first clusters of one wide probe list
+    (one static width, so the eager ops compile once for every ``nprobe <= 16``)."""
+    if nprobe > 16:
+        return probed_blocks(index.ivf, jnp.asarray(q), nprobe)
+    blocks, rank, _ = probe_list(index.ivf, jnp.asarray(q), 16)
+    return blocks, rank < nprobe
+
+
 def probe_reference(index, q, allow, k, nprobe):
     """Filter-then-probe: evaluate the filter on every item, keep the probed clusters'
     items, brute-force the Int8 top-k (numpy)."""
-    blocks, valid = probed_blocks(index.ivf, jnp.asarray(q), nprobe)
+    blocks, valid = probe_of(index, q, nprobe)
     blk = index.ivf.block
     codes = np.asarray(index.items.codes, np.int64)
     scale = np.asarray(index.items.scale)
@@ -121,7 +130,7 @@ def test_mostly_eligible_probe_never_falls_back(cat, index):
 
 def eligible_in_probe(index, q, allow, nprobe):
     """``i64[B]`` eligible items in each query's ``nprobe`` best clusters (numpy)."""
-    blocks, valid = probed_blocks(index.ivf, jnp.asarray(q), nprobe)
+    blocks, valid = probe_of(index, q, nprobe)
     blk, perm = index.ivf.block, np.asarray(index.perm)
     rows = np.asarray(blocks)[:, :, None] * blk + np.arange(blk)            # [B, P, blk]
     ok = np.asarray(valid)[:, :, None] & (perm[rows] >= 0)
