@@ -28,8 +28,8 @@ def rows(rng, kind, b, n):
 
 
 @pytest.mark.parametrize("kind", ["random", "ties", "ivf", "sparse", "zeros"])
-@pytest.mark.parametrize("n,k", [(4096, 256), (3001, 400), (8192, 1024), (1000, 900),
-                                 (70000, 1024), (140000, 2048)])
+@pytest.mark.parametrize("n,k", [(600, 96), (15360, 100), (4096, 256), (3001, 400),
+                                 (8192, 1024), (1000, 900), (70000, 1024), (140000, 2048)])
 def test_threshold_top_k_equals_lax_top_k(rng, kind, n, k):
     x = rows(rng, kind, 6, n)
     want = lax.top_k(x, k)
