@@ -22,7 +22,9 @@ PATH_FLAT, PATH_IVF, PATH_FALLBACK, PATH_WIDENED = 0, 1, 2, 3
 # Selective filters: when the eligible items (union over the batch) fit in one of these
 # fractions of the index, they are gathered into a compact sub-matrix first, so the work
 # follows the number of eligible items instead of N. Larger: dense scan with the mask.
-_SPARSE_FRACTIONS = (1 / 512, 1 / 64, 1 / 8)
+# (1M items, B = 32, AMD EPYC: 13-20 % eligible in 11-24 ms with the 1/4 cap, 23-48 ms
+# dense, k = 100 and 1024; a 1/2 cap would gather about as much as the dense scan reads.)
+_SPARSE_FRACTIONS = (1 / 512, 1 / 64, 1 / 8, 1 / 4)
 _MIN_SPARSE_ROWS = 1 << 14
 
 

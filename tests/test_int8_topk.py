@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import st_jax as st
-from pallas_kernels.int8_topk import (BlockSizes, int8_topk,
+from pallas_kernels.int8_topk import (BlockSizes, hierarchy_fanout, int8_topk,
                                       int8_topk_pallas, int8_topk_reference, pack_mask,
                                       saturation_rate, unpack_mask)
 from st_jax._quant import quantize_rows
@@ -66,6 +66,20 @@ def make(rng, b, n, d, p=0.4, per_query=False):
 @pytest.mark.parametrize("per_query", [False, True])
 def test_twin_matches_brute_force(rng, b, n, d, k, per_query):
     q, m, allow = make(rng, b, n, d, per_query=per_query)
+    got = int8_topk_reference(q, m.codes, m.scale, pack_mask(jnp.asarray(allow)), k=k)
+    ids_match(got, brute_force(q, m, allow, k))
+
+
+@pytest.mark.parametrize("n,k,fanout", [(60_000, 1024, 16), (70_000, 300, 4),
+                                         (140_000, 2048, 4), (300_000, 1024, 8),
+                                         (1_048_576, 1024, 16)])
+def test_twin_fanout_shrinks_for_large_k(rng, n, k, fanout):
+    """Past 64k items a large k takes a smaller fanout (more groups to pre-select from)
+    instead of a top-k over every stored score; the result is still the brute force's."""
+    assert hierarchy_fanout(n, k) == fanout
+    if n > 300_000:
+        return
+    q, m, allow = make(rng, 2, n, 16, p=0.7)
     got = int8_topk_reference(q, m.codes, m.scale, pack_mask(jnp.asarray(allow)), k=k)
     ids_match(got, brute_force(q, m, allow, k))
 
