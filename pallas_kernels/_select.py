@@ -6,11 +6,13 @@
   computed on CPU for large ``k`` by a threshold, a compaction and one sort of about
   ``1.3-1.6 k`` candidates (inputs must not hold NaN; scores never do). XLA:CPU's ``TopK``
   orders its ``k`` outputs through a heap with an out-of-line comparator, ~0.25 ms per
-  row at k = 1024 whatever the row length; the threshold path is faster from k ~ 100
-  (32 rows, AMD EPYC: k = 100 over 1k-65k scores 1.1-1.6x, k = 200-300 1.1-1.9x; k = 1024
-  over 16k in 3.6 ms instead of 11 ms, 131k in 8.8 ms instead of 25 ms; k = 4096 over
-  8-16k in 6-14 ms instead of 12-29 ms; at k = 10-50 as fast or slower). Elsewhere (GPU,
-  smaller k) it is ``lax.top_k`` itself.
+  row at k = 1024 whatever the row length; the threshold path is 1.2-2.8x faster from
+  k = 400 (32 rows at k = 1024: 16k scores in 3.6 ms instead of 11 ms, 131k in 8.8 ms
+  instead of 25 ms; k = 4096 over 8-16k in 6-14 ms instead of 12-29 ms). Alone it is
+  also faster from k ~ 100 (1.1-1.9x at k = 100-300), but each use adds a few thousand
+  HLO instructions and the searches hold dozens (branches per size and cap): from k = 96
+  the 1M-item IVF search at k = 100 grew from 38k to 178k HLO lines and its jitted call
+  became slower, not faster. Elsewhere (GPU, smaller k) it is ``lax.top_k`` itself.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# the threshold path pays off from about this k (measured: mixed at 50-64, faster from 100)
-MIN_THRESHOLD_K = 96
+# the threshold path pays off from about this k in the searches (see the module docstring)
+MIN_THRESHOLD_K = 384
 _STRIDE = 8           # the threshold is estimated on every _STRIDE-th entry of a row
 
 
