@@ -99,16 +99,16 @@ def pow2_floor(x: int) -> int:
     return 1 << (max(1, int(x)).bit_length() - 1)
 
 
-def _popcount_rows(words: jax.Array) -> jax.Array:
-    """``u32[B, W] -> i32[B]`` set bits per row."""
-    return jnp.sum(lax.population_count(words).astype(jnp.int32), axis=1)
+def popcount_rows(words: jax.Array) -> jax.Array:
+    """``u32[..., W] -> i32[...]`` set bits per row (over the last axis)."""
+    return jnp.sum(lax.population_count(words).astype(jnp.int32), axis=-1)
 
 
 def _count(bits: jax.Array) -> jax.Array:
     """``bool[B, n] -> i32[B]`` set entries per row, via packed words: XLA:CPU fuses the
     32-wide packing reduction but materialises a ``[B, n]`` int32 before a long row sum
     (32 x 131k: 0.6 ms instead of 1.8 ms)."""
-    return _popcount_rows(pack_mask(bits))
+    return popcount_rows(pack_mask(bits))
 
 
 def threshold_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -149,7 +149,7 @@ def threshold_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     tau = jnp.take_along_axis(taus, lo[:, None], axis=1)
     cand = jnp.where(few[:, None], finite, finite & (x >= tau))
     packed = pack_mask(cand)                  # counted here, compacted by by_threshold
-    c = _popcount_rows(packed)
+    c = popcount_rows(packed)
     ok = jnp.all(c >= need) & jnp.all(few | (c <= cap))
     slot = jnp.arange(k, dtype=jnp.int32)[None, :]
 

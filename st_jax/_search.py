@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels._select import set_bit_positions, top_k
+from pallas_kernels._select import popcount_rows, set_bit_positions, top_k
 from pallas_kernels.int8_topk import BACKENDS, MAX_K, NEG_INF, int8_topk, pack_mask, unpack_mask
 from st_jax._filter_index import compile_filter, filter_mask
 from st_jax._filter_lang import Const, Expr, FilterError, parse_filter
@@ -74,7 +74,7 @@ def _flat_rows(codes, scale, q, mask, *, k: int, backend: str, num_valid: int):
         return dense(q, codes, scale, mask)
 
     union = mask if mask.ndim == 1 else jnp.bitwise_or.reduce(mask, axis=0)
-    eligible = jnp.sum(lax.population_count(union).astype(jnp.int32))
+    eligible = popcount_rows(union)
 
     def sparse(cap):
         def run():
@@ -105,8 +105,8 @@ def _matches_everything(filter) -> bool:
 
 
 def _popcount_rows(words, batch):
-    c = jnp.sum(lax.population_count(words).astype(jnp.int32), axis=-1)
-    return jnp.broadcast_to(c, (batch,))
+    """``u32[W]`` or ``u32[B, W]`` -> ``i32[batch]`` set bits (a shared row broadcast)."""
+    return jnp.broadcast_to(popcount_rows(words), (batch,))
 
 
 def exclusion_words(rows: jax.Array, num_words: int) -> jax.Array:
