@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._select import pack_mask, top_k
+from pallas_kernels._select import pack_mask, ties_by_row, top_k
 
 NEG_INF = float("-inf")
 MAX_K = 1 << 16
@@ -258,7 +258,9 @@ def int8_topk_reference(q, codes, scale, mask=None, *, k: int, num_valid: int | 
     the rescoring at every k (measured at 1M × 32: +40–85 ms, against 6 ms at k = 256 and
     23 ms at k = 1024 for the rescoring). Every true top-k item lies in a selected
     group at each level, since its group's maximum is at least its score (ties at the k-th
-    value aside).
+    value aside: which of the items tied there are kept). Equal scores come in row order,
+    whichever path ran (:func:`~pallas_kernels._select.ties_by_row`: the candidates are
+    in group-rank order).
     """
     _check_inputs(q, codes, scale, mask, k)
     n, d = codes.shape
@@ -319,7 +321,7 @@ def int8_topk_reference(q, codes, scale, mask=None, *, k: int, num_valid: int | 
     rows = (starts[ch1] + w1 * fanout)[:, :, None] + jnp.arange(fanout)        # [B, k, f]
     s0 = scores_of(rows.reshape(b, -1), jnp.repeat(ch1, fanout, axis=1))
     vals, p0 = top_k(s0, k)
-    return _finish(vals, jnp.take_along_axis(rows.reshape(b, -1), p0, axis=1))
+    return _finish(*ties_by_row(vals, jnp.take_along_axis(rows.reshape(b, -1), p0, axis=1)))
 
 
 # --------------------------------------------------------------------------------------
