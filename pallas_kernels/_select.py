@@ -180,9 +180,9 @@ def ties_by_row(vals: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]
     For selections whose candidates are not in row order (the flat twin's hierarchy)."""
     tied = jnp.any((vals[:, 1:] == vals[:, :-1]) & (vals[:, 1:] > -jnp.inf))
 
-    def reorder(vals, rows):        # negation is exact; the sort's total order keeps
-        neg, rows = lax.sort((-vals, rows), num_keys=2)     # +0.0 before -0.0, as top_k
-        return -neg, rows
+    def reorder(vals, rows):        # by total-order key: +0.0 before -0.0, as top_k
+        _, rows, vals = lax.sort((~ordered_keys(vals), rows, vals), num_keys=2)
+        return vals, rows
 
     return lax.cond(tied, reorder, lambda v, r: (v, r), vals, rows)
 

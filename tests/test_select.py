@@ -98,7 +98,7 @@ def test_ties_by_row_equals_a_stable_sort(rng, kind):
     """A best-first selection whose rows are shuffled: equal values end in row order,
     values (-0.0 / +0.0 and -inf included) untouched; untied input passes through."""
     x = rows(rng, kind, 5, 300)
-    v, pos = lax.top_k(x, 64)
+    v, pos = lax.top_k(x, 200)                  # "zeros": both +0.0 and -0.0 selected
     perm = jnp.asarray(rng.permutation(300), jnp.int32)        # rows not in position order
     r = perm[pos]
     got_v, got_r = jax.jit(ties_by_row)(v, r)
@@ -107,6 +107,7 @@ def test_ties_by_row_equals_a_stable_sort(rng, kind):
     gv, gr = np.asarray(got_v), np.asarray(got_r)
     for b in range(5):
         fin = np.isfinite(gv[b])
-        want = np.lexsort((gr[b][fin], -gv[b][fin]))           # by value, then row
+        # by value (+0.0 before -0.0, as lax.top_k), then row
+        want = np.lexsort((gr[b][fin], np.signbit(gv[b][fin]), -gv[b][fin]))
         np.testing.assert_array_equal(gr[b][fin], gr[b][fin][want])
         np.testing.assert_array_equal(np.sort(gr[b][fin]), np.sort(np.asarray(r)[b][fin]))
