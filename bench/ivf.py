@@ -12,13 +12,24 @@ IndexIVFScalarQuantizer(QT_8bit) with SearchParametersIVF(sel=, nprobe=), IndexH
 with SearchParametersHNSW(sel=, efSearch=). Writes bench/results/ivf_<platform>.json and a
 recall-QPS plot ivf_<platform>.png beside it.
 
+Probe widths 6, 7, 8, 10, 12, 16, 32 and 128 by default: fine steps where both sides cross
+recall 0.95 unfiltered, so neither is charged for a coarse grid (with 8, 12, 16 only, a side
+reaching 0.95 at 10 probes had to be timed at 12). ``--rerank`` defaults to 2: on this
+catalogue R = 2 reached the same recall as R = 4 at every probe width (k = 100 and 1024) at
+a lower cost.
+
+Compilation: the search is one program per (k, probe width, rerank, filtered or not), the
+filter's mask being an argument, so the filters are swept inside each k and the programs
+are compiled once for all filtered runs; the caches are cleared between phases (too many
+live executables exhaust the process's memory maps, vm.max_map_count, and LLVM fails).
+
 Head to head: the sweep's methods are timed per probe width, so a comparison across widths
 (st_jax at nprobe 8 vs faiss at nprobe 16) mixes machine phases. For every filter and k,
 the two fastest configurations of each side reaching recall >= 0.95 (st_jax with or
 without rerank; faiss IVF-SQ8) are therefore timed again together, interleaved, with 3x
 the repeats; ``head_to_head`` in the JSON keeps each side's faster one and the QPS ratio.
 
-    python bench/ivf.py                      # full (~40 min on 2 cores, HNSW build included)
+    python bench/ivf.py                      # full (~60 min on 2 cores, HNSW build included)
     python bench/ivf.py --items 100000 --nlist 256 --no-hnsw    # quick
 """
 from __future__ import annotations
@@ -68,9 +79,11 @@ def main(argv=None):
     ap.add_argument("--nlist", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--ks", type=int, nargs="+", default=[100, 1024])
-    ap.add_argument("--nprobes", type=int, nargs="+", default=[8, 12, 16, 32, 64, 128])
+    ap.add_argument("--nprobes", type=int, nargs="+", default=[6, 7, 8, 10, 12, 16, 32, 128])
     ap.add_argument("--efs", type=int, nargs="+", default=[64, 256, 1024])
-    ap.add_argument("--rerank", type=int, default=4)
+    ap.add_argument("--rerank", type=int, default=2,
+                    help="R of the st_jax+rerankR method (the best R * k Int8 candidates "
+                    "re-scored in float)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-hnsw", action="store_true")
     add_malloc_option(ap)
@@ -104,68 +117,70 @@ def main(argv=None):
 
     rng = np.random.default_rng(11)
     rows, h2h = [], []
-    for fname, allow in filters(cat, rng, args.items).items():
+    masks = filters(cat, rng, args.items)
+    for k, (fname, allow) in ((k, fa) for k in args.ks for fa in masks.items()):
         eligible = args.items if allow is None else int(allow.sum())
         # the mask lives on the device, as a served filter's would (no per-call upload)
         allow_dev = None if allow is None else jax.device_put(allow)
         sel = None if allow is None else faiss.IDSelectorBitmap(
             np.packbits(allow, bitorder="little"))
-        for k in args.ks:
-            denom = min(k, eligible)
-            truth = (flat.search(q, k) if sel is None else
-                     flat.search(q, k, params=faiss.SearchParameters(sel=sel)))[1]
+        denom = min(k, eligible)
+        truth = (flat.search(q, k) if sel is None else
+                 flat.search(q, k, params=faiss.SearchParameters(sel=sel)))[1]
 
-            fns = {}                  # (method, knob) -> fn, for the head to head
+        fns = {}                  # (method, knob) -> fn, for the head to head
 
-            def record(group):
-                """``group``: (method, knob, fn, extra) timed together, interleaved."""
-                secs = interleaved_medians({(m, kn): fn for m, kn, fn, _ in group},
-                                           args.repeats)
-                for method, knob, fn, extra in group:
-                    fns[(method, knob)] = fn
-                    sec = secs[(method, knob)]
-                    ids = fn()
-                    row = {"filter": fname, "eligible": eligible, "k": k, "method": method,
-                           "knob": knob, "recall": recall(ids, truth),
-                           "slots_filled": float((ids >= 0).sum(1).mean()) / denom,
-                           "qps": args.batch / sec, "ms_per_batch": sec * 1e3} | (extra or {})
-                    rows.append(row)
-                    print(f"{fname:>22} k={k:<5} {method:>14} {knob:>12}: recall "
-                          f"{row['recall']:.3f} filled {row['slots_filled']:.2f} "
-                          f"{row['qps']:8.0f} QPS" + (f" fallback {extra['fallback']:.2f}"
-                                                       f" widened {extra['widened']:.2f}"
-                                                       if extra else ""), flush=True)
+        def record(group):
+            """``group``: (method, knob, fn, extra) timed together, interleaved."""
+            secs = interleaved_medians({(m, kn): fn for m, kn, fn, _ in group},
+                                       args.repeats)
+            for method, knob, fn, extra in group:
+                fns[(method, knob)] = fn
+                sec = secs[(method, knob)]
+                ids = fn()
+                row = {"filter": fname, "eligible": eligible, "k": k, "method": method,
+                       "knob": knob, "recall": recall(ids, truth),
+                       "slots_filled": float((ids >= 0).sum(1).mean()) / denom,
+                       "qps": args.batch / sec, "ms_per_batch": sec * 1e3} | (extra or {})
+                rows.append(row)
+                print(f"{fname:>22} k={k:<5} {method:>14} {knob:>12}: recall "
+                      f"{row['recall']:.3f} filled {row['slots_filled']:.2f} "
+                      f"{row['qps']:8.0f} QPS" + (f" fallback {extra['fallback']:.2f}"
+                                                   f" widened {extra['widened']:.2f}"
+                                                   if extra else ""), flush=True)
 
-            for nprobe in args.nprobes:
-                group = []
-                for rr in (None, args.rerank):
-                    def run_st(nprobe=nprobe, rr=rr):
-                        return np.asarray(jax.block_until_ready(
-                            st.search(index, q, k, allow_dev, nprobe=nprobe, rerank=rr)).ids)
-                    res = st.search(index, q, k, allow_dev, nprobe=nprobe, rerank=rr)
-                    path = np.asarray(res.path)
-                    group.append(("st_jax" + (f"+rerank{rr}" if rr else ""),
-                                  f"nprobe={nprobe}", run_st,
-                                  {"fallback": float((path == 2).mean()),
-                                   "widened": float((path == 3).mean())}))
-                params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe) if sel else \
-                    faiss.SearchParametersIVF(nprobe=nprobe)
-                group.append(("faiss_ivf_sq8", f"nprobe={nprobe}",
-                              lambda params=params: ivf.search(q, k, params=params)[1], None))
-                record(group)
-            if hnsw is not None:
-                group = []
-                for ef in sorted({max(ef, k) for ef in args.efs}):
-                    params = faiss.SearchParametersHNSW(sel=sel, efSearch=ef) if sel else \
-                        faiss.SearchParametersHNSW(efSearch=ef)
-                    group.append(("faiss_hnsw32", f"ef={ef}",
-                                  lambda params=params: hnsw.search(q, k, params=params)[1],
-                                  None))
-                record(group)
-            h2h.append(head_to_head(rows, fns, fname, k, args.repeats * 3, args.batch))
-            print("head to head:", h2h[-1], flush=True)
-            # drop this group's executables: dozens of variants per group otherwise
-            # exhaust the process's memory maps (vm.max_map_count) and LLVM fails
+        for nprobe in args.nprobes:
+            group = []
+            for rr in (None, args.rerank):
+                def run_st(nprobe=nprobe, rr=rr):
+                    return np.asarray(jax.block_until_ready(
+                        st.search(index, q, k, allow_dev, nprobe=nprobe, rerank=rr)).ids)
+                res = st.search(index, q, k, allow_dev, nprobe=nprobe, rerank=rr)
+                path = np.asarray(res.path)
+                group.append(("st_jax" + (f"+rerank{rr}" if rr else ""),
+                              f"nprobe={nprobe}", run_st,
+                              {"fallback": float((path == 2).mean()),
+                               "widened": float((path == 3).mean())}))
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe) if sel else \
+                faiss.SearchParametersIVF(nprobe=nprobe)
+            group.append(("faiss_ivf_sq8", f"nprobe={nprobe}",
+                          lambda params=params: ivf.search(q, k, params=params)[1], None))
+            record(group)
+        if hnsw is not None:
+            group = []
+            for ef in sorted({max(ef, k) for ef in args.efs}):
+                params = faiss.SearchParametersHNSW(sel=sel, efSearch=ef) if sel else \
+                    faiss.SearchParametersHNSW(efSearch=ef)
+                group.append(("faiss_hnsw32", f"ef={ef}",
+                              lambda params=params: hnsw.search(q, k, params=params)[1],
+                              None))
+            record(group)
+        h2h.append(head_to_head(rows, fns, fname, k, args.repeats * 3, args.batch))
+        print("head to head:", h2h[-1], flush=True)
+        # the unfiltered programs are not used again, the filtered ones only within
+        # this k: dropped then (live executables otherwise exhaust the process's
+        # memory maps, vm.max_map_count, and LLVM fails)
+        if allow is None or fname == list(masks)[-1]:
             jax.clear_caches()
 
     payload = {"benchmark": "ivf", "machine": machine_info(),

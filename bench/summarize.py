@@ -70,7 +70,9 @@ def ivf():
            "| filter | k | method | best recall (knob) | QPS at recall ≥ 0.95 (knob) | slots filled |",
            "|---|---|---|---|---|---|"]
     rows = d["results"]
-    keys = list(dict.fromkeys((r["filter"], r["k"], r["method"]) for r in rows))
+    order = {f: i for i, f in enumerate(dict.fromkeys(r["filter"] for r in rows))}
+    keys = sorted(dict.fromkeys((r["filter"], r["k"], r["method"]) for r in rows),
+                  key=lambda key: (order[key[0]], key[1]))   # by filter, then k (stable)
     for f, k, m in keys:
         rs = [r for r in rows if (r["filter"], r["k"], r["method"]) == (f, k, m)]
         best = max(rs, key=lambda r: r["recall"])
@@ -86,7 +88,7 @@ def ivf():
                 "the sweep, timed again together, interleaved):", "",
                 "| filter | k | st_jax (knob) | recall | QPS | faiss IVF-SQ8 (knob) | recall | QPS "
                 "| st_jax / faiss |", "|---|---|---|---|---|---|---|---|---|"]
-        for h in d["head_to_head"]:
+        for h in sorted(d["head_to_head"], key=lambda h: (order[h["filter"]], h["k"])):
             s, f = h["st_jax"], h["faiss_ivf_sq8"]
             cell = (lambda x: (f"{x['method']} ({x['knob']}) | {x['recall']:.3f} | "
                                f"{x['qps']:.0f}") if x else "never reached | — | —")
@@ -186,7 +188,27 @@ def shard():
     return "\n".join(out)
 
 
+def native_scan():
+    d = _load("native_scan_cpu.json")
+    if not d:
+        return ""
+    p = d["params"]
+    out = [f"**Native CPU scan probe** (`bench/native_scan.py`, N = {p['items']:,}, D = "
+           f"{p['dim']}, nlist = {p['nlist']}, B = {p['batch']}, no filter; the twin's contract "
+           f"in C++, `g++ {' '.join(p['cxxflags'][:3])}`; {_machine(d)}): ms per batch, "
+           "interleaved medians", "",
+           "| nprobe | k | codes read (MB) | native = twin (values, rows) | native scan | "
+           "twin scan | whole `st.search` | faiss IVF-SQ8 |", "|---|---|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        ms = r["ms_per_batch"]
+        eq = "yes" if r["values_equal"] and r["rows_equal"] else "no"
+        out.append(f"| {r['nprobe']} | {r['k']} | {r['codes_mb']:.0f} | {eq} | "
+                   f"{ms['native_scan']:.2f} | {ms['twin_scan']:.2f} | {ms['st_search']:.2f} | "
+                   f"{ms['faiss_ivf_sq8']:.2f} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    for table in (ann(), filter_search(), ivf(), train(), serve(), server(), shard()):
+    for table in (ann(), filter_search(), ivf(), native_scan(), train(), serve(), server(), shard()):
         if table:
             print(table + "\n")
