@@ -15,8 +15,8 @@ recall-QPS plot ivf_<platform>.png beside it.
 Probe widths 6, 7, 8, 10, 12, 16, 32 and 128 by default: fine steps where both sides cross
 recall 0.95 unfiltered, so neither is charged for a coarse grid (with 8, 12, 16 only, a side
 reaching 0.95 at 10 probes had to be timed at 12). ``--rerank`` defaults to 2: on this
-catalogue R = 2 reached the same recall as R = 4 at every probe width (k = 100 and 1024) at
-a lower cost.
+catalogue R = 4 gave exactly R = 2's recall in all 50 (filter, k, nprobe) cells of the
+runs with each (every pass rate, k = 100 and 1024), at a higher cost.
 
 Compilation: the search is one program per (k, probe width, rerank, filtered or not), the
 filter's mask being an argument, so the filters are swept inside each k and the programs
@@ -29,7 +29,7 @@ the two fastest configurations of each side reaching recall >= 0.95 (st_jax with
 without rerank; faiss IVF-SQ8) are therefore timed again together, interleaved, with 3x
 the repeats; ``head_to_head`` in the JSON keeps each side's faster one and the QPS ratio.
 
-    python bench/ivf.py                      # full (~60 min on 2 cores, HNSW build included)
+    python bench/ivf.py                      # full (~25 min on 2 cores, HNSW build included)
     python bench/ivf.py --items 100000 --nlist 256 --no-hnsw    # quick
 """
 from __future__ import annotations
