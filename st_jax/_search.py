@@ -204,22 +204,23 @@ def _int8_candidates(index: Index, q, mask, prog, *, k: int, kk: int, nprobe: in
     def psum(x):
         return x if axis_name is None else lax.psum(x, axis_name)
 
-    def answer(blocks, pm, flat_q):
+    def none():
+        return jnp.full((b, kk), NEG_INF, jnp.float32), jnp.full((b, kk), -1, jnp.int32)
+
+    def probe_scan(blocks, pm, flat_q):
         """Probe scan of ``blocks`` (``pm`` their words) for the queries not in ``flat_q``
-        (bool[B]: their blocks are masked out, never read) and the flat scan for those in
-        it; each scan runs only if some query needs it."""
-        def probe():
-            return ivf_topk(q, codes, scale, blocks,
-                            jnp.where(flat_q[:, None, None], jnp.uint32(0), pm),
-                            k=kk, block=ivf.block, backend=backend)
+        (bool[B]: their blocks are masked out, never read); runs only if one such query
+        exists."""
+        return lax.cond(jnp.all(flat_q), none, lambda: ivf_topk(
+            q, codes, scale, blocks, jnp.where(flat_q[:, None, None], jnp.uint32(0), pm),
+            k=kk, block=ivf.block, backend=backend))
 
-        def mixed():
-            (pv, pr), (fv, fr) = probe(), flat()
-            return (jnp.where(flat_q[:, None], fv, pv), jnp.where(flat_q[:, None], fr, pr))
-
-        # 0: no flat query (probe only), 1: all (flat scan only), 2: some (both)
-        branch = jnp.where(jnp.all(flat_q), 1, jnp.where(jnp.any(flat_q), 2, 0))
-        return lax.switch(branch, [probe, flat, mixed])
+    def with_flat(pv, pr, flat_q):
+        """The flat scan's answer for the queries in ``flat_q``, the probe's for the others.
+        The search's one flat-scan instance (the probe lists' conditionals only choose
+        ``flat_q``), run only if some query needs it."""
+        fv, fr = lax.cond(jnp.any(flat_q), flat, none)
+        return jnp.where(flat_q[:, None], fv, pv), jnp.where(flat_q[:, None], fr, pr)
 
     blocks, valid = probed_blocks(ivf, qd, nprobe)
     pm = probed_words(blocks, valid)
@@ -232,7 +233,7 @@ def _int8_candidates(index: Index, q, mask, prog, *, k: int, kk: int, nprobe: in
     starved = (in_probe < need) & (2 * in_probe < probed)
     wide = min(int(max_nprobe), ivf.num_clusters)
     if wide <= nprobe:
-        vals, rows = answer(blocks, pm, starved)
+        vals, rows = with_flat(*probe_scan(blocks, pm, starved), starved)
         return vals, rows, jnp.where(starved, PATH_FALLBACK, PATH_IVF).astype(jnp.int32)
 
     # Widening assumes the filter passes the clusters past the probe at about the rate it
@@ -248,8 +249,8 @@ def _int8_candidates(index: Index, q, mask, prog, *, k: int, kk: int, nprobe: in
                     >= f32(need) * f32(probed)))
 
     def base():                        # starved queries (if any) take the flat scan
-        vals, rows = answer(blocks, pm, starved)
-        return vals, rows, jnp.where(starved, PATH_FALLBACK, PATH_IVF).astype(jnp.int32)
+        pv, pr = probe_scan(blocks, pm, starved)
+        return pv, pr, starved, jnp.where(starved, PATH_FALLBACK, PATH_IVF).astype(jnp.int32)
 
     def widened():
         wblocks, rank, ends = probe_list(ivf, qd, wide)
@@ -265,12 +266,15 @@ def _int8_candidates(index: Index, q, mask, prog, *, k: int, kk: int, nprobe: in
         flat_q = starved & ~grown
         n_q = jnp.where(grown, reach, nprobe)
         wpm = jnp.where((rank < n_q[:, None])[:, :, None], wpm, jnp.uint32(0))
-        vals, rows = answer(wblocks, wpm, flat_q)
+        pv, pr = probe_scan(wblocks, wpm, flat_q)
         path = jnp.where(flat_q, PATH_FALLBACK, jnp.where(grown, PATH_WIDENED, PATH_IVF))
-        return vals, rows, path.astype(jnp.int32)
+        return pv, pr, flat_q, path.astype(jnp.int32)
 
     # widen only when every starved query may: one flat query runs the flat scan for all
-    return lax.cond(jnp.any(starved) & jnp.all(widenable | ~starved), widened, base)
+    pv, pr, flat_q, path = lax.cond(jnp.any(starved) & jnp.all(widenable | ~starved),
+                                    widened, base)
+    vals, rows = with_flat(pv, pr, flat_q)
+    return vals, rows, path
 
 
 @functools.partial(jax.jit, static_argnames=("k", "nprobe", "rerank", "min_eligible_factor",
