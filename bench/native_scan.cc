@@ -9,7 +9,6 @@
 // value. The survivors are sorted by (score desc, probe position asc): the twin's order, ties
 // included. Outputs: out_v f32[B, k] (-inf padded), out_r i32[B, k] storage rows (-1 padded).
 #include <cstdint>
-#include <cstring>
 #include <vector>
 #include <algorithm>
 #include <cmath>

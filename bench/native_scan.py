@@ -13,7 +13,7 @@ IVF-SQ8 at the same nprobe. Writes ``bench/results/native_scan_cpu.json``.
 
 Not part of the library: a measurement to decide on an XLA FFI CPU kernel beside the twin.
 
-    python bench/native_scan.py                 # ~3 min on 2 cores
+    python bench/native_scan.py                 # ~4 min on 2 cores
     python bench/native_scan.py --items 200000 --nlist 256
 """
 from __future__ import annotations
