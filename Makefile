@@ -10,11 +10,12 @@ PYTEST_ARGS ?= -n 2
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml pallas_kernels/native/ivf_scan_cpu.cc
 	@test -x $(PY) || $$(scripts/find_python.sh) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m pip install -q --no-deps 'recbole==1.2.1'
+	$(PY) -m pallas_kernels.native
 	@touch $(STAMP)
 
 demo: $(STAMP)

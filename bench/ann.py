@@ -63,9 +63,14 @@ def machine_info() -> dict:
     except OSError:
         pass
     dev = jax.devices()[0]
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": dev.platform,
+    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": dev.platform,
             "device": dev.device_kind, "python": platform.python_version(),
             "jax": jax.__version__, "faiss": faiss.__version__, "numpy": np.__version__}
+    if dev.platform == "cpu":     # which IVF scan backend="auto" ran (pallas_kernels/native.py)
+        from pallas_kernels import native
+        info["ivf_scan"] = ("native" if native.available()
+                            else f"xla twin ({native.unavailable_reason()})")
+    return info
 
 
 def timed(fn, repeats: int) -> list[float]:

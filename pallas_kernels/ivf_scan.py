@@ -21,7 +21,11 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.extend
+import jax.interpreters.batching
+import jax.interpreters.mlir
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -88,9 +92,16 @@ def ivf_topk_reference(q, codes, scale, blocks, pmask, *, k: int, block: int,
     _check(q, codes, scale, blocks, pmask, k, block)
     if by not in ("auto", "blocks", "items"):
         raise ValueError(f"by must be 'auto', 'blocks' or 'items'; got {by!r}")
+    qc, qs = quantize_rows(q)
+    return _twin_scan(qc, qs, codes, scale, blocks, pmask, k=k, block=block,
+                      step_items=step_items, chunk_blocks=chunk_blocks, by=by)
+
+
+def _twin_scan(qc, qs, codes, scale, blocks, pmask, *, k: int, block: int,
+               step_items: int = 32768, chunk_blocks: int = 32, by: str = "auto"):
+    """:func:`ivf_topk_reference` on quantised queries (``qc i8[B, D]``, ``qs f32[B]``)."""
     b, p = blocks.shape
     d = codes.shape[1]
-    qc, qs = quantize_rows(q)
     live = jnp.any(pmask != 0, axis=-1)                          # [B, P]
     count = jnp.sum(live, axis=1, dtype=jnp.int32)               # live pairs per query
     kk = min(k, p * block)
@@ -319,8 +330,83 @@ def ivf_topk_pallas(q, codes, scale, blocks, pmask, *, k: int, block: int, group
     return exact_topk_from_tiles(run, k=k, batch=b, num_tiles=t, tile=tile, exact=exact)
 
 
+# --- native CPU scan (pallas_kernels/native.py) --------------------------------------------
+#
+# One primitive, ``st_ivf_scan_cpu``, on quantised queries. Its lowering chooses, when the
+# program is lowered: the C++ FFI handler when lowering for CPU alone, not for ``jax.export``,
+# with the library available (or ``require_native``); otherwise the XLA twin's ops. So an
+# exported artifact never holds the custom call (it runs wherever jax runs), and a machine
+# without a compiler runs the twin, with the same results.
+
+_scan_cpu_p = jax.extend.core.Primitive("st_ivf_scan_cpu")
+_scan_cpu_p.multiple_results = True
+
+
+def _scan_cpu_abstract(qc, qs, codes, scale, blocks, pmask, *, k, block, require_native):
+    del qs, codes, scale, blocks, pmask, block, require_native
+    shape = (qc.shape[0], k)
+    return (qc.update(shape=shape, dtype=jnp.dtype(jnp.float32), weak_type=False),
+            qc.update(shape=shape, dtype=jnp.dtype(jnp.int32), weak_type=False))
+
+
+def _scan_cpu_impl(*args, **params):
+    return jax.jit(functools.partial(_scan_cpu_p.bind, **params))(*args)
+
+
+def _scan_cpu_batch(args, dims, **params):
+    """vmap: the primitive once per element of the mapped axis (``lax.map``)."""
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    args = [jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
+            for a, d in zip(args, dims)]
+    out = lax.map(lambda xs: tuple(_scan_cpu_p.bind(*xs, **params)), tuple(args))
+    return out, (0, 0)
+
+
+def _scan_cpu_lowering(ctx, *args, k, block, require_native):
+    from jax.interpreters import mlir
+    from pallas_kernels import native
+    cpu_only = tuple(ctx.module_context.platforms) == ("cpu",)
+    exporting = ctx.module_context.lowering_parameters.for_export
+    if require_native:
+        if not cpu_only:
+            raise ValueError("the native IVF scan runs on CPU only; lower for 'cpu'")
+        native.ensure_loaded()
+    if require_native or (cpu_only and not exporting and native.available()):
+        return jax.ffi.ffi_lowering(native.IVF_SCAN_TARGET)(
+            ctx, *args, k=np.int64(k), block=np.int64(block))
+    twin = functools.partial(_twin_scan, k=k, block=block)
+    return mlir.lower_fun(lambda *a: tuple(twin(*a)), multiple_results=True)(ctx, *args)
+
+
+_scan_cpu_p.def_abstract_eval(_scan_cpu_abstract)
+_scan_cpu_p.def_impl(_scan_cpu_impl)
+jax.interpreters.batching.primitive_batchers[_scan_cpu_p] = _scan_cpu_batch
+jax.interpreters.mlir.register_lowering(_scan_cpu_p, _scan_cpu_lowering)
+
+
+def _scan_cpu(q, codes, scale, blocks, pmask, *, k: int, block: int, require_native: bool):
+    qc, qs = quantize_rows(q)
+    v, rows = _scan_cpu_p.bind(qc, qs, codes, scale, blocks.astype(jnp.int32), pmask,
+                               k=int(k), block=int(block), require_native=require_native)
+    return v, rows
+
+
+def ivf_topk_native(q, codes, scale, blocks, pmask, *, k: int, block: int):
+    """The native CPU IVF scan (C++ XLA FFI handler, :mod:`pallas_kernels.native`); same
+    contract and same results as :func:`ivf_topk_reference`. CPU only.
+
+    Raises:
+      pallas_kernels.native.NativeUnavailable: the library cannot be built or loaded (when
+        the program is lowered); ``backend="auto"`` then uses the twin instead.
+    """
+    _check(q, codes, scale, blocks, pmask, k, block)
+    return _scan_cpu(q, codes, scale, blocks, pmask, k=k, block=block, require_native=True)
+
+
 def ivf_topk(q, codes, scale, blocks, pmask, *, k: int, block: int, backend: str = "auto"):
-    """IVF scan: the Pallas kernel on GPU, the XLA twin elsewhere (see int8_topk)."""
+    """IVF scan: the Pallas kernel on GPU; on CPU the native kernel when it is available
+    (:mod:`pallas_kernels.native`; not in ``jax.export`` artifacts), else the XLA twin;
+    ``backend="xla"`` always takes the twin (see int8_topk)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     twin = functools.partial(ivf_topk_reference, k=k, block=block)
@@ -331,5 +417,8 @@ def ivf_topk(q, codes, scale, blocks, pmask, *, k: int, block: int, backend: str
         return kern(q, codes, scale, blocks, pmask)
     if backend == "interpret":
         return kern(q, codes, scale, blocks, pmask, interpret=True)
+    _check(q, codes, scale, blocks, pmask, k, block)
+    cpu = functools.partial(_scan_cpu, k=k, block=block, require_native=False)
     return lax.platform_dependent(q, codes, scale, blocks, pmask,
-                                  cuda=lambda *a: kern(*a), default=lambda *a: twin(*a))
+                                  cuda=lambda *a: kern(*a), cpu=lambda *a: cpu(*a),
+                                  default=lambda *a: twin(*a))

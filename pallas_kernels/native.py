@@ -1,0 +1,187 @@
+"""Native CPU kernels: C++ XLA FFI handlers, compiled on first use, with the XLA twin as fallback.
+
+On CPU the IVF scan's plain-XLA twin is limited by XLA:CPU's code for it (narrow int8 GEMMs
+at 7-11 GB/s of codes, ``lax.top_k``), not by the work done; ``native/ivf_scan_cpu.cc`` does
+the same work in C++ (AVX-512 VNNI int8 dots where the CPU has them, a per-query running
+threshold instead of a top-k over all scores) and returns exactly what the twin returns.
+
+The library is compiled with the system's C++ compiler (``$CXX``, else ``c++`` / ``g++``)
+against the XLA FFI headers of the installed jaxlib (``jax.ffi.include_dir()``), for this
+machine's CPU (``-march=native``), into a cache folder (``$ST_JAX_CACHE_DIR``, else
+``$XDG_CACHE_HOME/st_jax``, else ``~/.cache/st_jax``) under a name that hashes the source,
+the headers, the compiler, the flags and the CPU, so an upgrade or another machine builds its
+own copy. The build writes a temporary file and renames it (atomic; concurrent processes
+may both build, one rename wins). ``make venv`` builds it ahead (``python -m
+pallas_kernels.native``); otherwise the first CPU search that needs it does (~4 s).
+
+When there is no compiler, the build fails, or ``ST_JAX_NATIVE=0`` is set, :func:`available`
+is False (the reason in :func:`unavailable_reason`, and a warning once per process) and
+``backend="auto"`` uses the XLA twin: results are the same, only slower.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("native") / "ivf_scan_cpu.cc"
+IVF_SCAN_TARGET = "st_jax_ivf_scan_cpu"
+CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
+ENV_SWITCH = "ST_JAX_NATIVE"
+
+
+class NativeUnavailable(RuntimeError):
+    """The native CPU kernel could not be built or loaded (the message says why and what to
+    do); the XLA twin (``backend="xla"``) computes the same results."""
+
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept (created on demand)."""
+    if os.environ.get("ST_JAX_CACHE_DIR"):
+        return Path(os.environ["ST_JAX_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "st_jax"
+
+
+def _compiler() -> str | None:
+    for name in filter(None, (os.environ.get("CXX"), "c++", "g++", "clang++")):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags (``-march=native`` code is only valid on such a CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("flags", "model name", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def library_path(cxx: str) -> Path:
+    """The cache path of the library built by compiler ``cxx`` for this source, jaxlib and CPU."""
+    import jax
+    h = hashlib.sha256()
+    h.update(SOURCE.read_bytes())
+    for header in sorted(Path(jax.ffi.include_dir()).rglob("*.h")):
+        h.update(header.read_bytes())
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    for part in (cxx, version, " ".join(CXXFLAGS), _cpu_signature(), platform.machine()):
+        h.update(part.encode())
+    return cache_dir() / f"ivf_scan_cpu-{h.hexdigest()[:20]}.so"
+
+
+def build(force: bool = False) -> Path:
+    """Compiles the native library into the cache (if not there yet, or ``force``); returns
+    its path. Raises :class:`NativeUnavailable` naming what is missing."""
+    import jax
+    cxx = _compiler()
+    if cxx is None:
+        raise NativeUnavailable("no C++ compiler found (tried $CXX, c++, g++, clang++): "
+                                "install one (apt-get install g++) or set CXX")
+    out = library_path(cxx)
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise NativeUnavailable(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n"
+                                    f"{res.stderr[-2000:]}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load() -> None:
+    """Builds (if needed), loads and registers the FFI targets; records the outcome."""
+    import jax
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        raise NativeUnavailable(f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
+    path = build()
+    try:
+        lib = ctypes.CDLL(str(path))
+        handler = lib.StJaxIvfScan
+    except (OSError, AttributeError) as e:
+        raise NativeUnavailable(f"loading {path} failed ({e}); delete it to rebuild") from e
+    jax.ffi.register_ffi_target(IVF_SCAN_TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    _state["lib"] = lib      # keep the library loaded for the process's lifetime
+
+
+def ensure_loaded() -> None:
+    """Makes the native targets callable; raises :class:`NativeUnavailable` if they cannot be
+    (the outcome is kept: the build is tried once per process)."""
+    with _lock:
+        if "error" not in _state and "lib" not in _state:
+            try:
+                _load()
+            except NativeUnavailable as e:
+                _state["error"] = e
+            except Exception as e:            # noqa: BLE001 -- any failure means "use the twin"
+                _state["error"] = NativeUnavailable(f"{type(e).__name__}: {e}")
+        if "error" in _state:
+            raise _state["error"]
+
+
+def available() -> bool:
+    """True when the native CPU kernels can be used (builds them on first call); else warns
+    once with the reason and returns False."""
+    try:
+        ensure_loaded()
+        return True
+    except NativeUnavailable as e:
+        if not _state.get("warned"):
+            _state["warned"] = True
+            if not str(e).startswith("disabled by"):
+                warnings.warn(f"st_jax: native CPU IVF scan unavailable, using the XLA twin "
+                              f"(same results, slower): {e}", RuntimeWarning, stacklevel=2)
+        return False
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False (None when it is True or was not asked yet)."""
+    err = _state.get("error")
+    return None if err is None else str(err)
+
+
+def reset() -> None:
+    """Forgets the outcome of the last load attempt (tests; after installing a compiler)."""
+    with _lock:
+        _state.pop("error", None)
+        _state.pop("warned", None)
+
+
+def main(argv=None) -> int:
+    """``python -m pallas_kernels.native``: builds the library now and says where it is."""
+    try:
+        ensure_loaded()
+    except NativeUnavailable as e:
+        print(f"native CPU kernels unavailable, the XLA twin will be used: {e}", file=sys.stderr)
+        return 0
+    print(f"native CPU kernels ready: {build()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
