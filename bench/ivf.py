@@ -120,8 +120,9 @@ def main(argv=None):
     masks = filters(cat, rng, args.items)
     for k, (fname, allow) in ((k, fa) for k in args.ks for fa in masks.items()):
         eligible = args.items if allow is None else int(allow.sum())
-        # the mask lives on the device, as a served filter's would (no per-call upload)
-        allow_dev = None if allow is None else jax.device_put(allow)
+        # packed once into st_jax's row words, as faiss's bitmap is packed once below (a
+        # served filter's mask would be kept so too: no per-call upload or packing)
+        allow_dev = None if allow is None else index.allow_words(allow)
         sel = None if allow is None else faiss.IDSelectorBitmap(
             np.packbits(allow, bitorder="little"))
         denom = min(k, eligible)

@@ -39,6 +39,22 @@ def test_per_query_allow_and_packed_words(small, rng):
         assert allow[b, np.asarray(res.ids[b])].all()
 
 
+def test_allow_words_packs_once_for_flat_and_ivf(small, rng):
+    x, index, q = small
+    ivf = st.build_index(x, num_clusters=8)
+    for idx in (index, ivf):
+        for allow in (rng.random(3000) < 0.2, rng.random((6, 3000)) < 0.2):
+            words = idx.allow_words(allow)
+            assert words.dtype == jnp.uint32 and words.shape[-1] == idx.num_words
+            kw = {"nprobe": 4} if idx.ivf is not None else {}
+            a, b = st.search(idx, q, 10, allow, **kw), st.search(idx, q, 10, words, **kw)
+            np.testing.assert_array_equal(np.asarray(a.ids), np.asarray(b.ids))
+    with pytest.raises(ValueError, match="bool"):
+        index.allow_words(np.ones(3000, np.int32))
+    with pytest.raises(ValueError, match="bool"):
+        index.allow_words(np.ones(2999, bool))
+
+
 def test_fewer_eligible_than_k_pads(small):
     x, index, q = small
     allow = np.zeros(3000, bool)

@@ -13,7 +13,8 @@
 // s32[B, k] storage rows (-1 padded).
 //
 // Per query (queries spread over XLA's intra-op thread pool): every probed block with an
-// eligible item is read in place; its rows' int8 dots (AVX-512 VNNI where the CPU has it) are
+// eligible item is read in place (only its eligible rows when under a quarter of them are);
+// its rows' int8 dots (AVX-512 VNNI where the CPU has it) are
 // scaled, and the eligible rows scoring at least the query's running threshold are kept in a
 // buffer of integer keys (score bits, then probe position); a full buffer (2 kk) is cut to
 // its best kk by nth_element and the threshold raised to its kk-th score. No temporary the
@@ -134,14 +135,27 @@ void scan_query(const Args& a, int64_t b, std::vector<uint64_t>& cand, std::vect
       return;
     }
     const int64_t r0 = blk * a.block;
-    dots(q, a.codes + r0 * a.D, a.block, a.D, dot.data());
     const float* sc = a.scale + r0;
-    for (int64_t i = 0; i < a.block; ++i) score[i] = (static_cast<float>(dot[i]) * sc[i]) * qs;
+    int64_t eligible = 0;
+    for (int64_t j = 0; j < wpb; ++j) eligible += __builtin_popcount(w[j]);
+    if (4 * eligible < a.block) {
+      // a selective filter: read and score the eligible rows only
+      for (int64_t j = 0; j < wpb; ++j) {
+        for (uint32_t bits = w[j]; bits; bits &= bits - 1) {
+          const int64_t i = 32 * j + __builtin_ctz(bits);
+          dots(q, a.codes + (r0 + i) * a.D, 1, a.D, dot.data() + i);
+          score[i] = (static_cast<float>(dot[i]) * sc[i]) * qs;
+        }
+      }
+    } else {
+      dots(q, a.codes + r0 * a.D, a.block, a.D, dot.data());
+      for (int64_t i = 0; i < a.block; ++i) score[i] = (static_cast<float>(dot[i]) * sc[i]) * qs;
+    }
     for (int64_t j = 0; j < wpb; ++j) {
       uint32_t hit = 0;
       const float* s32 = score.data() + 32 * j;
       for (int t = 0; t < 32; ++t) hit |= static_cast<uint32_t>(s32[t] >= thr) << t;
-      hit &= w[j];
+      hit &= w[j];  // (scores of ineligible rows may be stale: masked here)
       while (hit) {
         const int t = __builtin_ctz(hit);
         hit &= hit - 1;
