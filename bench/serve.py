@@ -83,7 +83,9 @@ def bench_size(n: int, args) -> dict:
         for fname, filt in filters.items():
             fl = r.host.filters_for(filt, b)
             x = {key: jnp.asarray(v) for key, v in r.host.inputs(feats, fl, None, b, 0).items()}
-            full = sample_seconds(lambda: r._graph(b, args.k, args.k0, x)["ids"], args.repeats)
+            snap = r._snapshot()
+            full = sample_seconds(lambda: r._graph(snap, b, args.k, args.k0, x)["ids"],
+                                  args.repeats)
             s1 = statistics.median(sample_seconds(lambda: f_user(r.weights, x), args.repeats))
             s2 = statistics.median(sample_seconds(lambda: f_retrieve(r.weights, x, args.k0),
                                            args.repeats))

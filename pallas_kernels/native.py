@@ -48,11 +48,20 @@ _state: dict = {}
 
 
 def cache_dir() -> Path:
-    """Where built libraries are kept (created on demand)."""
+    """Where built libraries are kept: ``$ST_JAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/st_jax``
+    or ``~/.cache/st_jax``; when that cannot be created or written (a read-only home), a
+    per-user folder in the system's temporary directory."""
     if os.environ.get("ST_JAX_CACHE_DIR"):
         return Path(os.environ["ST_JAX_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "st_jax"
+    path = Path(base) / "st_jax"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"st_jax-{os.getuid() if hasattr(os, 'getuid') else 0}"
 
 
 def _compiler() -> str | None:

@@ -3,6 +3,8 @@ twin, never inside jax.export artifacts, and replaced by the twin when it cannot
 import functools
 import os
 import shutil
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -157,3 +159,14 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     with pytest.raises(native.NativeUnavailable, match="failed"):
         native.build(force=True)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]   # failed build left nothing
+
+
+def test_cache_dir_falls_back_when_home_cache_is_unusable(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.delenv("ST_JAX_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))       # mkdir under a file fails
+    path = native.cache_dir()
+    assert path.parent == Path(tempfile.gettempdir()) and path.name.startswith("st_jax-")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert native.cache_dir() == tmp_path / "cache" / "st_jax"
