@@ -10,7 +10,7 @@ PYTEST_ARGS ?= -n 2
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml pallas_kernels/native/ivf_scan_cpu.cc
+$(STAMP): pyproject.toml
 	@test -x $(PY) || $$(scripts/find_python.sh) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench]'

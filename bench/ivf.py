@@ -16,7 +16,12 @@ Probe widths 6, 7, 8, 10, 12, 16, 32 and 128 by default: fine steps where both s
 recall 0.95 unfiltered, so neither is charged for a coarse grid (with 8, 12, 16 only, a side
 reaching 0.95 at 10 probes had to be timed at 12). ``--rerank`` defaults to 2: on this
 catalogue R = 4 gave exactly R = 2's recall in all 50 (filter, k, nprobe) cells of the
-runs with each (every pass rate, k = 100 and 1024), at a higher cost.
+runs with each (every pass rate, k = 100 and 1024), at a higher cost. On the filtered runs
+``st_jax+mef4`` adds ``min_eligible_factor=4`` (default 16; ``--min-eligible-factors``): a
+probe then counts as starved under 4 k eligible items instead of 16 k, so a moderate filter
+(10 %) widens fewer probes, trading recall margin for speed. Every st_jax row is exact
+(the native CPU scan returns the XLA twin's results), and st_jax's mask is packed into row
+words once (``index.allow_words``), as faiss's bitmap is.
 
 Compilation: the search is one program per (k, probe width, rerank, filtered or not), the
 filter's mask being an argument, so the filters are swept inside each k and the programs
@@ -25,11 +30,11 @@ live executables exhaust the process's memory maps, vm.max_map_count, and LLVM f
 
 Head to head: the sweep's methods are timed per probe width, so a comparison across widths
 (st_jax at nprobe 8 vs faiss at nprobe 16) mixes machine phases. For every filter and k,
-the two fastest configurations of each side reaching recall >= 0.95 (st_jax with or
-without rerank; faiss IVF-SQ8) are therefore timed again together, interleaved, with 3x
+the two fastest configurations of each side reaching recall >= 0.95 (any st_jax method;
+faiss IVF-SQ8) are therefore timed again together, interleaved, with 3x
 the repeats; ``head_to_head`` in the JSON keeps each side's faster one and the QPS ratio.
 
-    python bench/ivf.py                      # full (~25 min on 2 cores, HNSW build included)
+    python bench/ivf.py                      # full (~12-25 min on 2 cores, HNSW build included)
     python bench/ivf.py --items 100000 --nlist 256 --no-hnsw    # quick
 """
 from __future__ import annotations
@@ -84,6 +89,10 @@ def main(argv=None):
     ap.add_argument("--rerank", type=int, default=2,
                     help="R of the st_jax+rerankR method (the best R * k Int8 candidates "
                     "re-scored in float)")
+    ap.add_argument("--min-eligible-factors", type=float, nargs="*", default=[4],
+                    help="extra st_jax+mefF methods on the filtered runs: st.search's "
+                    "min_eligible_factor F instead of its default 16 (a smaller F widens "
+                    "fewer starved probes: faster, lower recall)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-hnsw", action="store_true")
     add_malloc_option(ap)
@@ -152,13 +161,21 @@ def main(argv=None):
 
         for nprobe in args.nprobes:
             group = []
-            for rr in (None, args.rerank):
-                def run_st(nprobe=nprobe, rr=rr):
+            # the default min_eligible_factor, with and without re-rank; each further factor
+            # (filtered runs only: an unfiltered probe is never starved) without re-rank
+            variants = [(None, None), (args.rerank, None)] + (
+                [(None, f) for f in args.min_eligible_factors] if allow is not None else [])
+            for rr, mef in variants:
+                opts = {} if mef is None else {"min_eligible_factor": mef}
+
+                def run_st(nprobe=nprobe, rr=rr, opts=opts):
                     return np.asarray(jax.block_until_ready(
-                        st.search(index, q, k, allow_dev, nprobe=nprobe, rerank=rr)).ids)
-                res = st.search(index, q, k, allow_dev, nprobe=nprobe, rerank=rr)
+                        st.search(index, q, k, allow_dev, nprobe=nprobe, rerank=rr,
+                                  **opts)).ids)
+                res = st.search(index, q, k, allow_dev, nprobe=nprobe, rerank=rr, **opts)
                 path = np.asarray(res.path)
-                group.append(("st_jax" + (f"+rerank{rr}" if rr else ""),
+                group.append(("st_jax" + (f"+rerank{rr}" if rr else "")
+                              + (f"+mef{mef:g}" if mef is not None else ""),
                               f"nprobe={nprobe}", run_st,
                               {"fallback": float((path == 2).mean()),
                                "widened": float((path == 3).mean())}))

@@ -411,7 +411,9 @@ def search(index: Index, queries, k: int, allow=None, *, filter=None,
         holds), and of which fewer than half are eligible, is *starved*. With pass rate p
         the filtered top-k sit among the unfiltered top ``k / p``, which the probe covers
         only when it holds well over ``k`` eligible items; 16 keeps recall >= 0.95 on our
-        benchmarks (0: never starved). A probe at least half eligible (no filter, or a weak
+        benchmarks with a margin (0: never starved). Smaller widens fewer probes: on the 1M
+        benchmark with a 10 % filter at k = 100, nprobe 7-10, 16 gives recall 0.981, 8
+        0.952-0.967 and 4 0.951-0.967, at about 2x the speed of 16 for 4. A probe at least half eligible (no filter, or a weak
         one) is never starved: its recall is set by ``nprobe``.
       max_nprobe: how far a starved query may widen its probe (default ``min(4 * nprobe,
         C / 8)``, at least ``nprobe``; ``nprobe``: never). It takes the next clusters in centroid order until
