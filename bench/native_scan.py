@@ -97,7 +97,7 @@ def main(argv=None):
     payload = {"benchmark": "native_scan", "machine": machine_info(),
                "params": vars(args) | {"data": "clustered_catalogue(seed=0)", "filter": None,
                                        "cxxflags": list(native.CXXFLAGS),
-                                       "library": str(native.build())},
+                                       "library": str(native.loaded_path())},
                "results": rows}
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"native_scan_{jax.devices()[0].platform}.json"

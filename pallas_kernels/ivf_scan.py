@@ -385,10 +385,10 @@ jax.interpreters.mlir.register_lowering(_scan_cpu_p, _scan_cpu_lowering)
 
 
 def _scan_cpu(q, codes, scale, blocks, pmask, *, k: int, block: int, require_native: bool):
+    _check(q, codes, scale, blocks, pmask, k, block)
     qc, qs = quantize_rows(q)
-    v, rows = _scan_cpu_p.bind(qc, qs, codes, scale, blocks.astype(jnp.int32), pmask,
-                               k=int(k), block=int(block), require_native=require_native)
-    return v, rows
+    return tuple(_scan_cpu_p.bind(qc, qs, codes, scale, blocks.astype(jnp.int32), pmask,
+                                  k=int(k), block=int(block), require_native=require_native))
 
 
 def ivf_topk_native(q, codes, scale, blocks, pmask, *, k: int, block: int):
@@ -399,7 +399,6 @@ def ivf_topk_native(q, codes, scale, blocks, pmask, *, k: int, block: int):
       pallas_kernels.native.NativeUnavailable: the library cannot be built or loaded (when
         the program is lowered); ``backend="auto"`` then uses the twin instead.
     """
-    _check(q, codes, scale, blocks, pmask, k, block)
     return _scan_cpu(q, codes, scale, blocks, pmask, k=k, block=block, require_native=True)
 
 
@@ -417,7 +416,6 @@ def ivf_topk(q, codes, scale, blocks, pmask, *, k: int, block: int, backend: str
         return kern(q, codes, scale, blocks, pmask)
     if backend == "interpret":
         return kern(q, codes, scale, blocks, pmask, interpret=True)
-    _check(q, codes, scale, blocks, pmask, k, block)
     cpu = functools.partial(_scan_cpu, k=k, block=block, require_native=False)
     return lax.platform_dependent(q, codes, scale, blocks, pmask,
                                   cuda=lambda *a: kern(*a), cpu=lambda *a: cpu(*a),

@@ -136,6 +136,7 @@ def _load() -> None:
         raise NativeUnavailable(f"loading {path} failed ({e}); delete it to rebuild") from e
     jax.ffi.register_ffi_target(IVF_SCAN_TARGET, jax.ffi.pycapsule(handler), platform="cpu")
     _state["lib"] = lib      # keep the library loaded for the process's lifetime
+    _state["path"] = path
 
 
 def ensure_loaded() -> None:
@@ -174,11 +175,9 @@ def unavailable_reason() -> str | None:
     return None if err is None else str(err)
 
 
-def reset() -> None:
-    """Forgets the outcome of the last load attempt (tests; after installing a compiler)."""
-    with _lock:
-        _state.pop("error", None)
-        _state.pop("warned", None)
+def loaded_path() -> Path | None:
+    """The library this process loaded (None before a successful load)."""
+    return _state.get("path")
 
 
 def main(argv=None) -> int:
@@ -188,7 +187,7 @@ def main(argv=None) -> int:
     except NativeUnavailable as e:
         print(f"native CPU kernels unavailable, the XLA twin will be used: {e}", file=sys.stderr)
         return 0
-    print(f"native CPU kernels ready: {build()}")
+    print(f"native CPU kernels ready: {loaded_path()}")
     return 0
 
 
