@@ -66,10 +66,10 @@ def machine_info() -> dict:
     info = {"cpu": cpu, "cores": os.cpu_count(), "platform": dev.platform,
             "device": dev.device_kind, "python": platform.python_version(),
             "jax": jax.__version__, "faiss": faiss.__version__, "numpy": np.__version__}
-    if dev.platform == "cpu":     # which IVF scan backend="auto" ran (pallas_kernels/native.py)
+    if dev.platform == "cpu":     # which scans backend="auto" ran (pallas_kernels/native.py)
         from pallas_kernels import native
-        info["ivf_scan"] = ("native" if native.available()
-                            else f"xla twin ({native.unavailable_reason()})")
+        info["cpu_scans"] = ("native (IVF and flat)" if native.available()
+                             else f"xla twin ({native.unavailable_reason()})")
     return info
 
 
@@ -138,14 +138,18 @@ def main(argv=None) -> dict:
             def run_st():
                 return jax.block_until_ready(st.search(index, q, k, allow))
 
+            def run_twin():       # the XLA twin (backend="xla"): what CPU ran before the
+                return jax.block_until_ready(   # native flat scan
+                    st.search(index, q, k, allow, backend="xla"))
+
             def run_rr():
                 return jax.block_until_ready(st.search(index_rr, q, k, allow, rerank=args.rerank))
 
             t_flat = timed(lambda: run_faiss(flat), 1)
             truth = run_faiss(flat)[1]
-            res, res_rr = run_st(), run_rr()
+            res, res_rr, res_twin = run_st(), run_rr(), run_twin()
             # sampled in alternation, so both share the machine's noise
-            med = interleaved_medians({"st": run_st, "rr": run_rr,
+            med = interleaved_medians({"st": run_st, "rr": run_rr, "twin": run_twin,
                                        "sq8": lambda: run_faiss(sq8)}, args.repeats)
             sq8_ids = run_faiss(sq8)[1]
             denom = min(k, eligible)
@@ -155,6 +159,10 @@ def main(argv=None) -> dict:
                            "slots_filled": float(np.asarray(res.count).mean()) / denom,
                            "ms_per_batch": med["st"] * 1e3,
                            "qps": args.batch / med["st"]},
+                "st_jax_xla_twin": {
+                    "scores_equal": bool(np.array_equal(np.asarray(res.scores),
+                                                        np.asarray(res_twin.scores))),
+                    "ms_per_batch": med["twin"] * 1e3, "qps": args.batch / med["twin"]},
                 f"st_jax_rerank{args.rerank}": {
                     "recall": recall(np.asarray(res_rr.ids), truth),
                     "slots_filled": float(np.asarray(res_rr.count).mean()) / denom,
@@ -174,7 +182,8 @@ def main(argv=None) -> dict:
             print(f"pass {p:7.1%} k {k:5d} | st_jax recall {row['st_jax']['recall']:.3f} "
                   f"{row['st_jax']['qps']:8.0f} QPS | faiss SQ8 recall "
                   f"{row['faiss_sq8']['recall']:.3f} {row['faiss_sq8']['qps']:8.0f} QPS | "
-                  f"x{row['speedup_vs_sq8']:.2f} | rerank{args.rerank} recall {rr['recall']:.3f} "
+                  f"x{row['speedup_vs_sq8']:.2f} | twin {med['twin'] * 1e3:.1f} ms | "
+                  f"rerank{args.rerank} recall {rr['recall']:.3f} "
                   f"{rr['qps']:6.0f} QPS x{row['speedup_vs_sq8_rerank']:.2f} | "
                   f"flat {row['faiss_flat']['qps']:.0f} QPS",
                   flush=True)

@@ -263,10 +263,18 @@ def int8_topk_reference(q, codes, scale, mask=None, *, k: int, num_valid: int | 
     in group-rank order).
     """
     _check_inputs(q, codes, scale, mask, k)
+    qc, qs = quantize_rows(q)
+    return reference_scan(qc, qs, codes, scale, mask, k=k, num_valid=num_valid, chunk=chunk,
+                          fanout=fanout)
+
+
+def reference_scan(qc, qs, codes, scale, mask=None, *, k: int, num_valid: int | None = None,
+                   chunk: int = 8192, fanout: int = 16):
+    """:func:`int8_topk_reference` on quantised queries (``qc i8[B, D]``, ``qs f32[B]``),
+    without validation."""
     n, d = codes.shape
     num_valid = n if num_valid is None else num_valid
-    b = q.shape[0]
-    qc, qs = quantize_rows(q)
+    b = qc.shape[0]
     fanout = hierarchy_fanout(n, k, fanout)
     leaf = fanout * fanout
     c = max(leaf, min(_pow2_ceil(chunk), _pow2_ceil(n)))

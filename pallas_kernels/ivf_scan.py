@@ -21,14 +21,12 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.extend
-import jax.interpreters.batching
-import jax.interpreters.mlir
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import native
+from pallas_kernels._ffi import native_cpu_primitive
 from pallas_kernels._select import pow2_floor, set_bit_positions, top_k
 from pallas_kernels.int8_topk import (BACKENDS, NEG_INF, _pow2_ceil, exact_topk_from_tiles,
                                       gathered_row_dots, int8_row_dots, padded_dim,
@@ -332,56 +330,13 @@ def ivf_topk_pallas(q, codes, scale, blocks, pmask, *, k: int, block: int, group
 
 # --- native CPU scan (pallas_kernels/native.py) --------------------------------------------
 #
-# One primitive, ``st_ivf_scan_cpu``, on quantised queries. Its lowering chooses, when the
-# program is lowered: the C++ FFI handler when lowering for CPU alone, not for ``jax.export``,
-# with the library available (or ``require_native``); otherwise the XLA twin's ops. So an
-# exported artifact never holds the custom call (it runs wherever jax runs), and a machine
-# without a compiler runs the twin, with the same results.
+# One primitive, ``st_ivf_scan_cpu``, on quantised queries (pallas_kernels/_ffi.py): the C++
+# FFI handler when lowered for CPU alone, not for ``jax.export``, with the library available
+# (or ``require_native``); otherwise the XLA twin's ops, with the same results.
 
-_scan_cpu_p = jax.extend.core.Primitive("st_ivf_scan_cpu")
-_scan_cpu_p.multiple_results = True
-
-
-def _scan_cpu_abstract(qc, qs, codes, scale, blocks, pmask, *, k, block, require_native):
-    del qs, codes, scale, blocks, pmask, block, require_native
-    shape = (qc.shape[0], k)
-    return (qc.update(shape=shape, dtype=jnp.dtype(jnp.float32), weak_type=False),
-            qc.update(shape=shape, dtype=jnp.dtype(jnp.int32), weak_type=False))
-
-
-def _scan_cpu_impl(*args, **params):
-    return jax.jit(functools.partial(_scan_cpu_p.bind, **params))(*args)
-
-
-def _scan_cpu_batch(args, dims, **params):
-    """vmap: the primitive once per element of the mapped axis (``lax.map``)."""
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    args = [jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
-            for a, d in zip(args, dims)]
-    out = lax.map(lambda xs: tuple(_scan_cpu_p.bind(*xs, **params)), tuple(args))
-    return out, (0, 0)
-
-
-def _scan_cpu_lowering(ctx, *args, k, block, require_native):
-    from jax.interpreters import mlir
-    from pallas_kernels import native
-    cpu_only = tuple(ctx.module_context.platforms) == ("cpu",)
-    exporting = ctx.module_context.lowering_parameters.for_export
-    if require_native:
-        if not cpu_only:
-            raise ValueError("the native IVF scan runs on CPU only; lower for 'cpu'")
-        native.ensure_loaded()
-    if require_native or (cpu_only and not exporting and native.available()):
-        return jax.ffi.ffi_lowering(native.IVF_SCAN_TARGET)(
-            ctx, *args, k=np.int64(k), block=np.int64(block))
-    twin = functools.partial(_twin_scan, k=k, block=block)
-    return mlir.lower_fun(lambda *a: tuple(twin(*a)), multiple_results=True)(ctx, *args)
-
-
-_scan_cpu_p.def_abstract_eval(_scan_cpu_abstract)
-_scan_cpu_p.def_impl(_scan_cpu_impl)
-jax.interpreters.batching.primitive_batchers[_scan_cpu_p] = _scan_cpu_batch
-jax.interpreters.mlir.register_lowering(_scan_cpu_p, _scan_cpu_lowering)
+_scan_cpu_p = native_cpu_primitive(
+    "st_ivf_scan_cpu", native.IVF_SCAN_TARGET, _twin_scan,
+    lambda qc, *_, k, block: [((qc.shape[0], k), jnp.float32), ((qc.shape[0], k), jnp.int32)])
 
 
 def _scan_cpu(q, codes, scale, blocks, pmask, *, k: int, block: int, require_native: bool):

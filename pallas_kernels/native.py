@@ -1,9 +1,15 @@
 """Native CPU kernels: C++ XLA FFI handlers, compiled on first use, with the XLA twin as fallback.
 
-On CPU the IVF scan's plain-XLA twin is limited by XLA:CPU's code for it (narrow int8 GEMMs
-at 7-11 GB/s of codes, ``lax.top_k``), not by the work done; ``native/ivf_scan_cpu.cc`` does
-the same work in C++ (AVX-512 VNNI int8 dots where the CPU has them, a per-query running
-threshold instead of a top-k over all scores) and returns exactly what the twin returns.
+On CPU the scans' plain-XLA twins are limited by XLA:CPU's code for them (int8 GEMMs at
+7-11 GB/s of codes, ``lax.top_k``), not by the work done. The native kernels do the same work
+in C++ (AVX-512 VNNI int8 dots where the CPU has them, a running threshold per query instead
+of a top-k over all scores):
+
+- ``native/ivf_scan_cpu.cc``: the IVF scan (:mod:`pallas_kernels.ivf_scan`), per query over
+  its probed blocks; exactly the twin's values, rows and tie order.
+- ``native/flat_scan_cpu.cc``: the flat filtered scan (:mod:`pallas_kernels.flat_scan`), the
+  whole batch per tile of eligible rows; the exact top-k in ``lax.top_k``'s order.
+- ``native/common.h``: candidate keys, int8 dots, the work sharing over XLA's thread pool.
 
 The library is compiled with the system's C++ compiler (``$CXX``, else ``c++`` / ``g++``)
 against the XLA FFI headers of the installed jaxlib (``jax.ffi.include_dir()``), for this
@@ -12,7 +18,9 @@ machine's CPU (``-march=native``), into a cache folder (``$ST_JAX_CACHE_DIR``, e
 the headers, the compiler, the flags and the CPU, so an upgrade or another machine builds its
 own copy. The build writes a temporary file and renames it (atomic; concurrent processes
 may both build, one rename wins). ``make venv`` builds it ahead (``python -m
-pallas_kernels.native``); otherwise the first CPU search that needs it does (~4 s).
+pallas_kernels.native``); otherwise the first CPU search that needs it does (~10 s).
+``$ST_JAX_NATIVE_CXXFLAGS`` adds compiler flags (e.g. ``-march=x86-64-v3`` for a library
+that also runs on a cluster's older CPUs).
 
 When there is no compiler, the build fails, or ``ST_JAX_NATIVE=0`` is set, :func:`available`
 is False (the reason in :func:`unavailable_reason`, and a warning once per process) and
@@ -24,6 +32,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,10 +41,23 @@ import threading
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("native") / "ivf_scan_cpu.cc"
+NATIVE_DIR = Path(__file__).with_name("native")
+SOURCES = (NATIVE_DIR / "ivf_scan_cpu.cc", NATIVE_DIR / "flat_scan_cpu.cc")
+HEADERS = (NATIVE_DIR / "common.h",)
 IVF_SCAN_TARGET = "st_jax_ivf_scan_cpu"
+FLAT_SCAN_TARGET = "st_jax_flat_scan_cpu"
+# FFI target name -> the library's exported handler symbol
+TARGETS = {IVF_SCAN_TARGET: "StJaxIvfScan", FLAT_SCAN_TARGET: "StJaxFlatScan"}
 CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
 ENV_SWITCH = "ST_JAX_NATIVE"
+# extra compiler flags, after CXXFLAGS (e.g. "-march=x86-64-v3" for a library that also runs
+# on older CPUs of a cluster; part of the library's name, so each setting has its own build)
+ENV_FLAGS = "ST_JAX_NATIVE_CXXFLAGS"
+
+
+def compiler_flags() -> tuple[str, ...]:
+    """``CXXFLAGS`` followed by the words of ``$ST_JAX_NATIVE_CXXFLAGS``."""
+    return CXXFLAGS + tuple(shlex.split(os.environ.get(ENV_FLAGS, "")))
 
 
 class NativeUnavailable(RuntimeError):
@@ -86,13 +108,14 @@ def library_path(cxx: str) -> Path:
     """The cache path of the library built by compiler ``cxx`` for this source, jaxlib and CPU."""
     import jax
     h = hashlib.sha256()
-    h.update(SOURCE.read_bytes())
+    for source in (*SOURCES, *HEADERS):
+        h.update(source.read_bytes())
     for header in sorted(Path(jax.ffi.include_dir()).rglob("*.h")):
         h.update(header.read_bytes())
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    for part in (cxx, version, " ".join(CXXFLAGS), _cpu_signature(), platform.machine()):
+    for part in (cxx, version, " ".join(compiler_flags()), _cpu_signature(), platform.machine()):
         h.update(part.encode())
-    return cache_dir() / f"ivf_scan_cpu-{h.hexdigest()[:20]}.so"
+    return cache_dir() / f"st_jax_native-{h.hexdigest()[:20]}.so"
 
 
 def build(force: bool = False) -> Path:
@@ -109,11 +132,12 @@ def build(force: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    cmd = [cxx, *compiler_flags(), "-isystem", jax.ffi.include_dir(), *map(str, SOURCES),
+           "-o", tmp]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
-            raise NativeUnavailable(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n"
+            raise NativeUnavailable(f"compiling {NATIVE_DIR} failed ({' '.join(cmd)}):\n"
                                     f"{res.stderr[-2000:]}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)
@@ -131,10 +155,11 @@ def _load() -> None:
     path = build()
     try:
         lib = ctypes.CDLL(str(path))
-        handler = lib.StJaxIvfScan
+        handlers = {target: getattr(lib, symbol) for target, symbol in TARGETS.items()}
     except (OSError, AttributeError) as e:
         raise NativeUnavailable(f"loading {path} failed ({e}); delete it to rebuild") from e
-    jax.ffi.register_ffi_target(IVF_SCAN_TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    for target, handler in handlers.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     _state["lib"] = lib      # keep the library loaded for the process's lifetime
     _state["path"] = path
 
@@ -164,7 +189,7 @@ def available() -> bool:
         if not _state.get("warned"):
             _state["warned"] = True
             if not str(e).startswith("disabled by"):
-                warnings.warn(f"st_jax: native CPU IVF scan unavailable, using the XLA twin "
+                warnings.warn(f"st_jax: native CPU kernels unavailable, using the XLA twins "
                               f"(same results, slower): {e}", RuntimeWarning, stacklevel=2)
         return False
 

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels._select import popcount_rows, set_bit_positions, top_k
-from pallas_kernels.int8_topk import BACKENDS, MAX_K, NEG_INF, int8_topk, pack_mask, unpack_mask
+from pallas_kernels._select import popcount_rows, top_k
+from pallas_kernels.flat_scan import flat_topk
+from pallas_kernels.int8_topk import BACKENDS, MAX_K, NEG_INF, pack_mask
 from st_jax._filter_index import compile_filter, filter_mask
 from st_jax._filter_lang import Const, Expr, FilterError, parse_filter
 from st_jax._index import Index
@@ -18,15 +19,6 @@ from st_jax._ivf import partial_mask, probe_list, probed_blocks
 from st_jax._types import SearchResult
 
 PATH_FLAT, PATH_IVF, PATH_FALLBACK, PATH_WIDENED = 0, 1, 2, 3
-
-# Selective filters: when the eligible items (union over the batch) fit in one of these
-# fractions of the index, they are gathered into a compact sub-matrix first, so the work
-# follows the number of eligible items instead of N. Larger: dense scan with the mask.
-# (1M items, B = 32, AMD EPYC: 13-20 % eligible in 11-24 ms with the 1/4 cap, 23-48 ms
-# dense, k = 100 and 1024; a 1/2 cap would gather about as much as the dense scan reads.)
-_SPARSE_FRACTIONS = (1 / 512, 1 / 64, 1 / 8, 1 / 4)
-_MIN_SPARSE_ROWS = 1 << 14
-
 
 def eligibility_words(index: Index, allow, batch: int) -> jax.Array | None:
     """Normalises ``allow`` to eligibility words over the index's rows.
@@ -55,43 +47,6 @@ def eligibility_words(index: Index, allow, batch: int) -> jax.Array | None:
             raise ValueError(f"packed allow must be u32[{w}] or u32[{batch}, {w}]; got {a.shape}")
         return a
     raise ValueError(f"allow must be a bool mask or packed uint32 words; got dtype {a.dtype}")
-
-
-def _sparse_caps(n_rows: int) -> tuple[int, ...]:
-    if n_rows < 4 * _MIN_SPARSE_ROWS:
-        return ()
-    caps = sorted({max(1024, -(-int(n_rows * f) // 1024) * 1024) for f in _SPARSE_FRACTIONS})
-    return tuple(c for c in caps if c <= n_rows // 2)
-
-
-def _flat_rows(codes, scale, q, mask, *, k: int, backend: str, num_valid: int):
-    """Flat scan in storage rows: ``(f32[B, k], i32[B, k])``. Selective masks take a
-    compacted sub-matrix of the eligible rows (union over the batch)."""
-    n_rows = codes.shape[0]
-    dense = functools.partial(int8_topk, k=k, num_valid=num_valid, backend=backend)
-    caps = _sparse_caps(n_rows) if mask is not None else ()
-    if not caps:
-        return dense(q, codes, scale, mask)
-
-    union = mask if mask.ndim == 1 else jnp.bitwise_or.reduce(mask, axis=0)
-    eligible = popcount_rows(union)
-
-    def sparse(cap):
-        def run():
-            # word-level compaction (~5x jnp.nonzero over the N bits on XLA:CPU)
-            in_use = jnp.arange(cap) < eligible
-            rows = jnp.where(in_use, set_bit_positions(union[None], cap)[0], 0)
-            if mask.ndim == 1:
-                sub_mask = pack_mask(in_use)
-            else:
-                sub_mask = pack_mask(unpack_mask(mask, n_rows)[:, rows] & in_use)
-            vals, sub = dense(q, codes[rows], scale[rows], sub_mask)
-            return vals, jnp.where(sub >= 0, rows[jnp.maximum(sub, 0)], -1)
-        return run
-
-    branches = [sparse(c) for c in caps] + [lambda: dense(q, codes, scale, mask)]
-    which = jnp.sum(eligible > jnp.asarray(caps, jnp.int32))
-    return lax.switch(which, branches)
 
 
 def _matches_everything(filter) -> bool:
@@ -178,8 +133,8 @@ def _int8_candidates(index: Index, q, mask, prog, *, k: int, kk: int, nprobe: in
         return f if mask is None else f & mask
 
     def flat():
-        return _flat_rows(codes, scale, q, full_mask(), k=kk, backend=backend,
-                          num_valid=num_valid)
+        return flat_topk(q, codes, scale, full_mask(), k=kk, num_valid=num_valid,
+                         backend=backend)
 
     if index.ivf is None or not nprobe:
         vals, rows = flat()
@@ -424,8 +379,9 @@ def search(index: Index, queries, k: int, allow=None, *, filter=None,
         with the clusters: widening would cover too few of the clusters holding its items),
         or when another starved query of the batch needs the flat scan (which then serves
         every starved query, exactly).
-      backend: ``"auto"`` (Pallas kernel on GPU, XLA twin elsewhere), ``"xla"``,
-        ``"pallas"``, ``"interpret"``.
+      backend: ``"auto"`` (Pallas kernels on GPU; on CPU the native C++ scans where they
+        can be built, :mod:`pallas_kernels.native`; the XLA twins elsewhere and in
+        ``jax.export`` artifacts), ``"xla"``, ``"pallas"``, ``"interpret"``.
     Returns:
       :class:`SearchResult`: ``ids [B, k]`` (external ids if the index has them, else item
       positions; -1 padded), ``scores f32[B, k]`` (-inf padded), ``count i32[B] =

@@ -21,88 +21,15 @@
 // size of the probe is written.
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <cstring>
 #include <limits>
-#include <memory>
-#include <mutex>
-#include <string>
 #include <vector>
 
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#include <immintrin.h>
-#define ST_VNNI 1
-#endif
-
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "common.h"
 
 namespace {
 
-// A candidate as one integer key, smaller = better: the score's order-preserving bits,
-// inverted, then the probe position (p * block + i), so equal scores keep probe order.
-inline uint64_t key_of(float v, uint32_t pos) {
-  if (v == 0.0f) v = 0.0f;  // -0 ranks as +0, as in a float comparison
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // ascending with v
-  return (static_cast<uint64_t>(~u) << 32) | pos;
-}
-
-inline float score_of(uint64_t key) {
-  uint32_t u = ~static_cast<uint32_t>(key >> 32);
-  u = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
-  float v;
-  std::memcpy(&v, &u, 4);
-  return v;
-}
-
-// Exact int32 dots of n rows (row stride d) with the query q.
-void dots(const int8_t* q, const int8_t* x, int64_t n, int64_t d, int32_t* out) {
-#ifdef ST_VNNI
-  if (d % 64 == 0 && d <= 512) {
-    // vpdpbusd multiplies unsigned by signed bytes: feed x + 128 (x ^ 0x80) and subtract
-    // 128 * sum(q). Every partial sum fits in int32 (|sum| <= 255 * 128 * d).
-    const int64_t nc = d / 64;
-    __m512i qv[8];
-    int32_t qsum = 0;
-    for (int64_t c = 0; c < nc; ++c) qv[c] = _mm512_loadu_si512(q + 64 * c);
-    for (int64_t j = 0; j < d; ++j) qsum += q[j];
-    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-    int64_t r = 0;
-    for (; r + 4 <= n; r += 4) {
-      __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-      const int8_t* x0 = x + r * d;
-      for (int64_t c = 0; c < nc; ++c) {
-        a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_loadu_si512(x0 + 64 * c), flip), qv[c]);
-        a1 = _mm512_dpbusd_epi32(a1, _mm512_xor_si512(_mm512_loadu_si512(x0 + d + 64 * c), flip), qv[c]);
-        a2 = _mm512_dpbusd_epi32(a2, _mm512_xor_si512(_mm512_loadu_si512(x0 + 2 * d + 64 * c), flip), qv[c]);
-        a3 = _mm512_dpbusd_epi32(a3, _mm512_xor_si512(_mm512_loadu_si512(x0 + 3 * d + 64 * c), flip), qv[c]);
-      }
-      out[r] = _mm512_reduce_add_epi32(a0) - 128 * qsum;
-      out[r + 1] = _mm512_reduce_add_epi32(a1) - 128 * qsum;
-      out[r + 2] = _mm512_reduce_add_epi32(a2) - 128 * qsum;
-      out[r + 3] = _mm512_reduce_add_epi32(a3) - 128 * qsum;
-    }
-    for (; r < n; ++r) {
-      __m512i a = _mm512_setzero_si512();
-      for (int64_t c = 0; c < nc; ++c)
-        a = _mm512_dpbusd_epi32(a, _mm512_xor_si512(_mm512_loadu_si512(x + r * d + 64 * c), flip), qv[c]);
-      out[r] = _mm512_reduce_add_epi32(a) - 128 * qsum;
-    }
-    return;
-  }
-#endif
-  for (int64_t r = 0; r < n; ++r) {
-    const int8_t* row = x + r * d;
-    int32_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < d; ++j) acc += static_cast<int32_t>(q[j]) * static_cast<int32_t>(row[j]);
-    out[r] = acc;
-  }
-}
+using namespace st_native;
 
 struct Args {
   const int8_t* qc;
@@ -114,15 +41,15 @@ struct Args {
   int64_t P, D, block, k, kk, n_blocks;
   float* out_v;
   int32_t* out_r;
-  std::atomic<bool>* bad;  // set when a live probed block id is out of range
 };
 
-void scan_query(const Args& a, int64_t b, std::vector<uint64_t>& cand, std::vector<int32_t>& dot,
+// One query; false when a live probed block id is out of range.
+bool scan_query(const Args& a, int64_t b, std::vector<uint64_t>& cand, std::vector<int32_t>& dot,
                 std::vector<float>& score) {
   const int64_t wpb = a.block / 32, kk = a.kk;
   const int8_t* q = a.qc + b * a.D;
   const float qs = a.qs[b];
-  float thr = -std::numeric_limits<float>::infinity();
+  float thr = kNegInf;
   cand.clear();
   for (int64_t p = 0; p < a.P; ++p) {
     const uint32_t* w = a.pmask + (b * a.P + p) * wpb;
@@ -130,10 +57,7 @@ void scan_query(const Args& a, int64_t b, std::vector<uint64_t>& cand, std::vect
     for (int64_t j = 0; j < wpb; ++j) live |= w[j] != 0;
     if (!live) continue;
     const int64_t blk = a.blocks[b * a.P + p];
-    if (blk < 0 || blk >= a.n_blocks) {
-      a.bad->store(true);
-      return;
-    }
+    if (blk < 0 || blk >= a.n_blocks) return false;
     const int64_t r0 = blk * a.block;
     const float* sc = a.scale + r0;
     int64_t eligible = 0;
@@ -162,11 +86,7 @@ void scan_query(const Args& a, int64_t b, std::vector<uint64_t>& cand, std::vect
         const float v = s32[t];
         if (v < thr) continue;  // thr rose within this word
         cand.push_back(key_of(v, static_cast<uint32_t>(p * a.block + 32 * j + t)));
-        if (static_cast<int64_t>(cand.size()) >= 2 * kk) {
-          std::nth_element(cand.begin(), cand.begin() + (kk - 1), cand.end());
-          thr = score_of(cand[kk - 1]);
-          cand.resize(kk);
-        }
+        if (static_cast<int64_t>(cand.size()) >= 2 * kk) thr = cut_to_best(cand, kk);
       }
     }
   }
@@ -184,40 +104,10 @@ void scan_query(const Args& a, int64_t b, std::vector<uint64_t>& cand, std::vect
     orow[t] = static_cast<int32_t>(a.blocks[b * a.P + pos / a.block] * a.block + pos % a.block);
   }
   for (int64_t t = m; t < a.k; ++t) {
-    ov[t] = -std::numeric_limits<float>::infinity();
+    ov[t] = kNegInf;
     orow[t] = -1;
   }
-}
-
-// Queries claimed one at a time by the caller and by helper tasks on XLA's pool. The caller
-// can finish every query alone (no deadlock when the pool is busy); helpers that start late
-// find nothing left and only touch the shared counters.
-struct Job {
-  std::atomic<int64_t> next{0}, done{0};
-  std::atomic<bool> bad{false};
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t n = 0;
-  Args args;
-};
-
-void work(Job& j) {
-  std::vector<uint64_t> cand;
-  std::vector<int32_t> dot;
-  std::vector<float> score;
-  int64_t finished = 0;
-  for (int64_t b; (b = j.next.fetch_add(1)) < j.n; ++finished) {
-    if (cand.capacity() == 0) {
-      cand.reserve(2 * j.args.kk + 1);
-      dot.resize(j.args.block);
-      score.resize(j.args.block);
-    }
-    scan_query(j.args, b, cand, dot, score);
-  }
-  if (finished && j.done.fetch_add(finished) + finished == j.n) {
-    std::lock_guard<std::mutex> lock(j.mu);
-    j.cv.notify_all();
-  }
+  return true;
 }
 
 ffi::Error IvfScan(ffi::ThreadPool pool, ffi::Buffer<ffi::S8, 2> qc, ffi::Buffer<ffi::F32, 1> qs,
@@ -237,19 +127,27 @@ ffi::Error IvfScan(ffi::ThreadPool pool, ffi::Buffer<ffi::S8, 2> qc, ffi::Buffer
     return ffi::Error::InvalidArgument("st_jax ivf_scan: operand shapes do not agree");
   if (P * block > std::numeric_limits<int32_t>::max())
     return ffi::Error::InvalidArgument("st_jax ivf_scan: probe too large");
-  auto job = std::make_shared<Job>();
-  job->n = B;
-  job->args = Args{qc.typed_data(), qs.typed_data(), codes.typed_data(), scale.typed_data(),
-                   blocks.typed_data(), pmask.typed_data(), P, D, block, k,
-                   std::min<int64_t>(k, P * block), n_rows / block, out_v->typed_data(),
-                   out_r->typed_data(), &job->bad};
-  if (B == 0) return ffi::Error::Success();
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), B) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job] { work(*job); });
-  work(*job);
-  std::unique_lock<std::mutex> lock(job->mu);
-  job->cv.wait(lock, [&] { return job->done.load() == B; });
-  if (job->bad.load())
+  const Args args{qc.typed_data(), qs.typed_data(), codes.typed_data(), scale.typed_data(),
+                  blocks.typed_data(), pmask.typed_data(), P, D, block, k,
+                  std::min<int64_t>(k, P * block), n_rows / block, out_v->typed_data(),
+                  out_r->typed_data()};
+  std::atomic<bool> bad{false};
+  struct Scratch {
+    std::vector<uint64_t> cand;
+    std::vector<int32_t> dot;
+    std::vector<float> score;
+  };
+  std::vector<Scratch> scratch(team_size(pool, B));
+  parallel_for(pool, B, [&](int64_t b, int64_t w) {
+    Scratch& s = scratch[w];
+    if (s.cand.capacity() == 0) {
+      s.cand.reserve(2 * args.kk + 1);
+      s.dot.resize(block);
+      s.score.resize(block);
+    }
+    if (!scan_query(args, b, s.cand, s.dot, s.score)) bad.store(true);
+  });
+  if (bad.load())
     return ffi::Error::InvalidArgument("st_jax ivf_scan: a probed block with eligible items "
                                        "is out of range [0, n_rows / block)");
   return ffi::Error::Success();

@@ -1,0 +1,147 @@
+// Shared parts of st_jax's native CPU kernels (ivf_scan_cpu.cc, flat_scan_cpu.cc): candidate
+// keys, int8 dots and the work-sharing helper over XLA's intra-op thread pool.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define ST_VNNI 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace st_native {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// A candidate as one integer key, smaller = better: the score's order-preserving bits,
+// inverted, then a 32-bit position, so equal scores come in position order (lax.top_k's
+// order when the position is the index in the scored row).
+inline uint64_t key_of(float v, uint32_t pos) {
+  if (v == 0.0f) v = 0.0f;  // -0 ranks as +0, as in a float comparison
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // ascending with v
+  return (static_cast<uint64_t>(~u) << 32) | pos;
+}
+
+inline float score_of(uint64_t key) {
+  uint32_t u = ~static_cast<uint32_t>(key >> 32);
+  u = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+inline uint32_t pos_of(uint64_t key) { return static_cast<uint32_t>(key); }
+
+// The best `kk` keys of a candidate buffer: cuts it to them (nth_element) and returns the
+// score of the worst kept one, the new threshold (candidates below it can never enter).
+inline float cut_to_best(std::vector<uint64_t>& cand, int64_t kk) {
+  std::nth_element(cand.begin(), cand.begin() + (kk - 1), cand.end());
+  cand.resize(kk);
+  return score_of(cand[kk - 1]);
+}
+
+// Exact int32 dots of n rows (row stride d) with the query q.
+inline void dots(const int8_t* q, const int8_t* x, int64_t n, int64_t d, int32_t* out) {
+#ifdef ST_VNNI
+  if (d % 64 == 0 && d <= 512) {
+    // vpdpbusd multiplies unsigned by signed bytes: feed x + 128 (x ^ 0x80) and subtract
+    // 128 * sum(q). Every partial sum fits in int32 (|sum| <= 255 * 128 * d).
+    const int64_t nc = d / 64;
+    __m512i qv[8];
+    int32_t qsum = 0;
+    for (int64_t c = 0; c < nc; ++c) qv[c] = _mm512_loadu_si512(q + 64 * c);
+    for (int64_t j = 0; j < d; ++j) qsum += q[j];
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    int64_t r = 0;
+    for (; r + 4 <= n; r += 4) {
+      __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+      const int8_t* x0 = x + r * d;
+      for (int64_t c = 0; c < nc; ++c) {
+        a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_loadu_si512(x0 + 64 * c), flip), qv[c]);
+        a1 = _mm512_dpbusd_epi32(a1, _mm512_xor_si512(_mm512_loadu_si512(x0 + d + 64 * c), flip), qv[c]);
+        a2 = _mm512_dpbusd_epi32(a2, _mm512_xor_si512(_mm512_loadu_si512(x0 + 2 * d + 64 * c), flip), qv[c]);
+        a3 = _mm512_dpbusd_epi32(a3, _mm512_xor_si512(_mm512_loadu_si512(x0 + 3 * d + 64 * c), flip), qv[c]);
+      }
+      out[r] = _mm512_reduce_add_epi32(a0) - 128 * qsum;
+      out[r + 1] = _mm512_reduce_add_epi32(a1) - 128 * qsum;
+      out[r + 2] = _mm512_reduce_add_epi32(a2) - 128 * qsum;
+      out[r + 3] = _mm512_reduce_add_epi32(a3) - 128 * qsum;
+    }
+    for (; r < n; ++r) {
+      __m512i a = _mm512_setzero_si512();
+      for (int64_t c = 0; c < nc; ++c)
+        a = _mm512_dpbusd_epi32(a, _mm512_xor_si512(_mm512_loadu_si512(x + r * d + 64 * c), flip), qv[c]);
+      out[r] = _mm512_reduce_add_epi32(a) - 128 * qsum;
+    }
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < n; ++r) {
+    const int8_t* row = x + r * d;
+    int32_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < d; ++j) acc += static_cast<int32_t>(q[j]) * static_cast<int32_t>(row[j]);
+    out[r] = acc;
+  }
+}
+
+// Runs fn(unit, worker) for every unit in [0, n) on the caller and up to `workers - 1`
+// helper tasks of XLA's intra-op pool, units claimed one at a time; returns when all are
+// done. `worker` is in [0, workers): state indexed by it is touched by one thread at a time.
+// The caller can finish every unit alone (no deadlock when the pool is busy); a helper that
+// starts late finds nothing left and touches only the shared counters (never `fn`, whose
+// captures may have gone out of scope by then).
+struct Team {
+  std::atomic<int64_t> next{0}, done{0}, ids{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t n = 0;
+  std::function<void(int64_t, int64_t)> fn;
+
+  void work() {
+    int64_t finished = 0, worker = -1;
+    for (int64_t u; (u = next.fetch_add(1)) < n; ++finished) {
+      if (worker < 0) worker = ids.fetch_add(1);
+      fn(u, worker);
+    }
+    if (finished && done.fetch_add(finished) + finished == n) {
+      std::lock_guard<std::mutex> lock(mu);
+      cv.notify_all();
+    }
+  }
+};
+
+// The number of workers parallel_for uses for n units (size per-worker state with it).
+inline int64_t team_size(ffi::ThreadPool& pool, int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
+}
+
+inline void parallel_for(ffi::ThreadPool& pool, int64_t n,
+                         std::function<void(int64_t, int64_t)> fn) {
+  if (n <= 0) return;
+  auto team = std::make_shared<Team>();
+  team->n = n;
+  team->fn = std::move(fn);
+  const int64_t helpers = team_size(pool, n) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([team] { team->work(); });
+  team->work();
+  std::unique_lock<std::mutex> lock(team->mu);
+  team->cv.wait(lock, [&] { return team->done.load() == n; });
+}
+
+}  // namespace st_native
