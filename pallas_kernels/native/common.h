@@ -11,6 +11,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -106,8 +107,11 @@ inline void dots(const int8_t* q, const int8_t* x, int64_t n, int64_t d, int32_t
 // The caller can finish every unit alone (no deadlock when the pool is busy); a helper that
 // starts late finds nothing left and touches only the shared counters (never `fn`, whose
 // captures may have gone out of scope by then).
+// An exception in fn (std::bad_alloc: no exception may leave an FFI handler, nor a pool
+// task) is caught; the remaining units are skipped and parallel_for returns false.
 struct Team {
   std::atomic<int64_t> next{0}, done{0}, ids{0};
+  std::atomic<bool> failed{false};
   std::mutex mu;
   std::condition_variable cv;
   int64_t n = 0;
@@ -117,7 +121,12 @@ struct Team {
     int64_t finished = 0, worker = -1;
     for (int64_t u; (u = next.fetch_add(1)) < n; ++finished) {
       if (worker < 0) worker = ids.fetch_add(1);
-      fn(u, worker);
+      if (failed.load(std::memory_order_relaxed)) continue;
+      try {
+        fn(u, worker);
+      } catch (...) {
+        failed.store(true);
+      }
     }
     if (finished && done.fetch_add(finished) + finished == n) {
       std::lock_guard<std::mutex> lock(mu);
@@ -131,9 +140,9 @@ inline int64_t team_size(ffi::ThreadPool& pool, int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
 }
 
-inline void parallel_for(ffi::ThreadPool& pool, int64_t n,
+inline bool parallel_for(ffi::ThreadPool& pool, int64_t n,
                          std::function<void(int64_t, int64_t)> fn) {
-  if (n <= 0) return;
+  if (n <= 0) return true;
   auto team = std::make_shared<Team>();
   team->n = n;
   team->fn = std::move(fn);
@@ -142,6 +151,13 @@ inline void parallel_for(ffi::ThreadPool& pool, int64_t n,
   team->work();
   std::unique_lock<std::mutex> lock(team->mu);
   team->cv.wait(lock, [&] { return team->done.load() == n; });
+  return !team->failed.load();
+}
+
+inline ffi::Error out_of_memory(const char* kernel) {
+  return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                    std::string("st_jax ") + kernel + ": out of memory for the candidates "
+                    "(use a smaller k or batch)");
 }
 
 }  // namespace st_native

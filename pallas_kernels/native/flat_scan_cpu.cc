@@ -47,6 +47,7 @@ struct FlatArgs {
   const int32_t* qw;            // [B, nj] the queries' 4-byte groups (zero padded)
   const int32_t* qsum;          // [B] sum of each query's codes
   bool interleave;              // the VNNI layout (else dots row by row)
+  std::atomic<uint32_t>* best;  // [B] the highest worker threshold so far (ordered bits)
 };
 
 struct Worker {
@@ -58,13 +59,41 @@ struct Worker {
   std::vector<int32_t> dot;                 // row-by-row dots (the plain path)
 };
 
+// Float <-> unsigned bits in the same order (for an atomic max).
+inline uint32_t ordered(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+inline float unordered(uint32_t u) {
+  u = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+// Query b's threshold for worker w: its own, or a higher one another worker published (that
+// worker holds kk candidates at or above it, so a row below it cannot be in the top kk).
+inline float threshold(const FlatArgs& a, Worker& w, int64_t b) {
+  const float shared = unordered(a.best[b].load(std::memory_order_relaxed));
+  if (shared > w.thr[b]) w.thr[b] = shared;
+  return w.thr[b];
+}
+
 // Offers row `row` with score v to query b's candidates (`check`: test b's own mask bit).
 inline void offer(const FlatArgs& a, Worker& w, int64_t b, float v, int32_t row, bool check) {
   if (v < w.thr[b]) return;
   if (check && !((a.mask[b * a.W + (row >> 5)] >> (row & 31)) & 1u)) return;
   std::vector<uint64_t>& c = w.cand[b];
   c.push_back(key_of(v, static_cast<uint32_t>(row)));
-  if (static_cast<int64_t>(c.size()) >= 2 * a.kk) w.thr[b] = cut_to_best(c, a.kk);
+  if (static_cast<int64_t>(c.size()) >= 2 * a.kk) {
+    w.thr[b] = cut_to_best(c, a.kk);
+    const uint32_t mine = ordered(w.thr[b]);
+    uint32_t seen = a.best[b].load(std::memory_order_relaxed);
+    while (seen < mine && !a.best[b].compare_exchange_weak(seen, mine)) {
+    }
+  }
 }
 
 #ifdef ST_VNNI  // the VNNI layout and its scoring
@@ -163,7 +192,7 @@ void score_block(const FlatArgs& a, Worker& w, int64_t b0, int64_t g0, int64_t n
       const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), sc),
                                      _mm512_set1_ps(a.qs[b]));
       uint32_t hit = _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(ok), v,
-                                             _mm512_set1_ps(w.thr[b]), _CMP_GE_OQ);
+                                             _mm512_set1_ps(threshold(a, w, b)), _CMP_GE_OQ);
       if (!hit) continue;
       _mm512_store_ps(s, v);
       while (hit) {
@@ -227,6 +256,7 @@ void score_tile(const FlatArgs& a, Worker& w, int64_t n_e) {
     } else {
       for (int64_t i = 0; i < n_e; ++i) dots(q, a.codes + rows[i] * a.D, 1, a.D, w.dot.data() + i);
     }
+    threshold(a, w, b);
     for (int64_t i = 0; i < n_e; ++i) {
       const float v = (static_cast<float>(w.dot[i]) * a.scale[rows[i]]) * a.qs[b];
       offer(a, w, b, v, rows[i], check);
@@ -287,7 +317,10 @@ ffi::Error FlatScan(ffi::ThreadPool pool, ffi::Buffer<ffi::S8, 2> qc, ffi::Buffe
   FlatArgs a{qc.typed_data(), qs.typed_data(), codes.typed_data(), scale.typed_data(),
              mask.typed_data(), B, D, N, W, M, num_valid, k,
              std::max<int64_t>(1, std::min<int64_t>(k, num_valid)), nj, qw.data(), qsum.data(),
-             false};
+             false, nullptr};
+  std::unique_ptr<std::atomic<uint32_t>[]> best(new std::atomic<uint32_t>[B]);
+  for (int64_t b = 0; b < B; ++b) best[b].store(ordered(kNegInf));
+  a.best = best.get();
 #ifdef ST_VNNI
   a.interleave = B >= 4;  // fewer queries do not repay the layout change
 #endif
@@ -295,19 +328,21 @@ ffi::Error FlatScan(ffi::ThreadPool pool, ffi::Buffer<ffi::S8, 2> qc, ffi::Buffe
   std::vector<Worker> workers(team_size(pool, units));
   for (Worker& w : workers) {
     w.cand.resize(B);
+    for (auto& c : w.cand) c.reserve(std::min<int64_t>(2 * a.kk, 4096));  // fewer regrowths
     w.thr.assign(B, kNegInf);
     w.rows.resize(kTile);
     w.sc.resize(kTile);
     if (a.interleave) w.xt.resize(kTile * nj * 4);
     else w.dot.resize(kTile);
   }
-  parallel_for(pool, units, [&](int64_t u, int64_t wi) { scan_unit(a, workers[wi], u); });
+  if (!parallel_for(pool, units, [&](int64_t u, int64_t wi) { scan_unit(a, workers[wi], u); }))
+    return out_of_memory("flat_scan");
 
   // merge the workers' candidates per query
   std::vector<std::vector<uint64_t>> merged(team_size(pool, B));
   float* ov = out_v->typed_data();
   int32_t* orow = out_r->typed_data();
-  parallel_for(pool, B, [&](int64_t b, int64_t wi) {
+  const bool merged_ok = parallel_for(pool, B, [&](int64_t b, int64_t wi) {
     std::vector<uint64_t>& c = merged[wi];
     c.clear();
     for (const Worker& w : workers) c.insert(c.end(), w.cand[b].begin(), w.cand[b].end());
@@ -323,7 +358,20 @@ ffi::Error FlatScan(ffi::ThreadPool pool, ffi::Buffer<ffi::S8, 2> qc, ffi::Buffe
       orow[b * k + t] = -1;
     }
   });
+  if (!merged_ok) return out_of_memory("flat_scan");
   return ffi::Error::Success();
+}
+
+ffi::Error FlatScanChecked(ffi::ThreadPool pool, ffi::Buffer<ffi::S8, 2> qc,
+                           ffi::Buffer<ffi::F32, 1> qs, ffi::Buffer<ffi::S8, 2> codes,
+                           ffi::Buffer<ffi::F32, 1> scale, ffi::Buffer<ffi::U32, 2> mask,
+                           int64_t k, int64_t num_valid, ffi::ResultBuffer<ffi::F32, 2> out_v,
+                           ffi::ResultBuffer<ffi::S32, 2> out_r) {
+  try {  // (no exception may leave an FFI handler)
+    return FlatScan(pool, qc, qs, codes, scale, mask, k, num_valid, out_v, out_r);
+  } catch (const std::bad_alloc&) {
+    return out_of_memory("flat_scan");
+  }
 }
 
 }  // namespace
@@ -337,7 +385,7 @@ using OutR = ffi::BufferR2<ffi::S32>;
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* StJaxFlatScan(
     XLA_FFI_CallFrame* call_frame);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(StJaxFlatScan, FlatScan,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StJaxFlatScan, FlatScanChecked,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<QCodes>()     // qc

@@ -138,7 +138,7 @@ ffi::Error IvfScan(ffi::ThreadPool pool, ffi::Buffer<ffi::S8, 2> qc, ffi::Buffer
     std::vector<float> score;
   };
   std::vector<Scratch> scratch(team_size(pool, B));
-  parallel_for(pool, B, [&](int64_t b, int64_t w) {
+  const bool ok = parallel_for(pool, B, [&](int64_t b, int64_t w) {
     Scratch& s = scratch[w];
     if (s.cand.capacity() == 0) {
       s.cand.reserve(2 * args.kk + 1);
@@ -147,10 +147,24 @@ ffi::Error IvfScan(ffi::ThreadPool pool, ffi::Buffer<ffi::S8, 2> qc, ffi::Buffer
     }
     if (!scan_query(args, b, s.cand, s.dot, s.score)) bad.store(true);
   });
+  if (!ok) return out_of_memory("ivf_scan");
   if (bad.load())
     return ffi::Error::InvalidArgument("st_jax ivf_scan: a probed block with eligible items "
                                        "is out of range [0, n_rows / block)");
   return ffi::Error::Success();
+}
+
+ffi::Error IvfScanChecked(ffi::ThreadPool pool, ffi::Buffer<ffi::S8, 2> qc,
+                          ffi::Buffer<ffi::F32, 1> qs, ffi::Buffer<ffi::S8, 2> codes,
+                          ffi::Buffer<ffi::F32, 1> scale, ffi::Buffer<ffi::S32, 2> blocks,
+                          ffi::Buffer<ffi::U32, 3> pmask, int64_t k, int64_t block,
+                          ffi::ResultBuffer<ffi::F32, 2> out_v,
+                          ffi::ResultBuffer<ffi::S32, 2> out_r) {
+  try {  // (no exception may leave an FFI handler)
+    return IvfScan(pool, qc, qs, codes, scale, blocks, pmask, k, block, out_v, out_r);
+  } catch (const std::bad_alloc&) {
+    return out_of_memory("ivf_scan");
+  }
 }
 
 }  // namespace
@@ -163,11 +177,11 @@ using Words = ffi::BufferR3<ffi::U32>;
 using OutV = ffi::BufferR2<ffi::F32>;
 using OutR = ffi::BufferR2<ffi::S32>;
 
-// the one exported symbol (the library is built with -fvisibility=hidden)
+// the handler symbol native.py loads (the library is built with -fvisibility=hidden)
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* StJaxIvfScan(
     XLA_FFI_CallFrame* call_frame);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(StJaxIvfScan, IvfScan,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StJaxIvfScan, IvfScanChecked,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<QCodes>()     // qc
