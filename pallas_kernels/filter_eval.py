@@ -83,11 +83,40 @@ def _pow2(n: int) -> bool:
 # ----------------------------------------------------------------------------- XLA twin
 
 
-@functools.partial(jax.jit, static_argnames=("num_hashes", "stack_depth"))
+# Per-query programs over every word: queries evaluated this many at a time (lax.map), so a
+# group's stack (2 x group x stack_depth x W words) stays in cache instead of the whole
+# batch's being rewritten by every instruction (1M items, 64 one-term programs, AMD EPYC,
+# 2 cores: 77 ms for the whole batch at once, 16 ms one at a time, 9 ms four at a time).
+_GROUP = 4
+
+
+@functools.partial(jax.jit, static_argnames=("num_hashes", "stack_depth", "group"))
 def filter_bounds_xla(rows, ops, rowids, lengths, word_ids=None, *, num_hashes: int,
-                      stack_depth: int):
-    """Plain-XLA twin of :func:`filter_bounds_pallas` (same signature and results)."""
+                      stack_depth: int, group: int = _GROUP):
+    """Plain-XLA twin of :func:`filter_bounds_pallas` (same signature and results).
+
+    ``group``: with more than ``group`` programs and no ``word_ids``, the programs are
+    evaluated ``group`` at a time in a loop (same results)."""
     _validate(rows, ops, rowids, lengths, num_hashes, stack_depth, word_ids)
+    Bp = ops.shape[0]
+    if word_ids is not None or Bp <= group:
+        return _bounds_xla(rows, ops, rowids, lengths, word_ids, num_hashes=num_hashes,
+                           stack_depth=stack_depth)
+    pad = -Bp % group
+    ops = jnp.pad(ops, ((0, pad), (0, 0)))                  # NOP programs of length 0
+    rowids = jnp.pad(rowids, ((0, pad), (0, 0), (0, 0)))
+    lengths = jnp.pad(lengths, (0, pad))
+    lo, up = lax.map(lambda a: _bounds_xla(rows, *a, None, num_hashes=num_hashes,
+                                           stack_depth=stack_depth),
+                     (ops.reshape(-1, group, ops.shape[1]),
+                      rowids.reshape(-1, group, *rowids.shape[1:]),
+                      lengths.reshape(-1, group)))
+    w = rows.shape[1]
+    return lo.reshape(-1, w)[:Bp], up.reshape(-1, w)[:Bp]
+
+
+def _bounds_xla(rows, ops, rowids, lengths, word_ids, *, num_hashes: int, stack_depth: int):
+    """:func:`filter_bounds_xla` for one group of programs."""
     Bp, P = ops.shape
     W = rows.shape[1]
     if word_ids is None:

@@ -101,12 +101,14 @@ def _numpy_interval_eval(rows, ops, rowids, lengths, K):
     return [np.stack(x) for x in zip(*out)]
 
 
-def test_xla_twin_matches_numpy_stack_machine():
+@pytest.mark.parametrize("group", [1, 2, 4, 64])     # programs evaluated per loop step
+def test_xla_twin_matches_numpy_stack_machine(group):
     rng = np.random.default_rng(0)
     R, W, Bp, P, KP, K, S = 19, 13, 5, 32, 4, 3, 8
     rows = rng.integers(0, 2**32, (R, W), dtype=np.uint64).astype(np.uint32)
     ops, rowids, lengths = random_programs(rng, Bp, P, KP, K, R, S)
-    got = filter_bounds_xla(rows, ops, rowids, lengths, num_hashes=K, stack_depth=S)
+    got = filter_bounds_xla(rows, ops, rowids, lengths, num_hashes=K, stack_depth=S,
+                            group=group)
     want = _numpy_interval_eval(rows, ops, rowids, lengths, K)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), w)
