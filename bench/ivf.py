@@ -252,21 +252,25 @@ def plot(rows, path):
     ks = sorted({r["k"] for r in rows})
     fig, axes = plt.subplots(len(ks), len(fnames), figsize=(4 * len(fnames), 3.4 * len(ks)),
                              squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    handles = {}
     for i, k in enumerate(ks):
         for j, f in enumerate(fnames):
             ax = axes[i][j]
-            for m in dict.fromkeys(r["method"] for r in rows):
+            for c, m in enumerate(methods):        # one colour per method in every panel
                 pts = [(r["recall"], r["qps"]) for r in rows
                        if r["k"] == k and r["filter"] == f and r["method"] == m]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=m)
+                    handles[m], = ax.plot(*zip(*pts), marker="o", color=f"C{c}", label=m)
             ax.set_yscale("log")
             ax.set_title(f"{f}, k={k}", fontsize=9)
             ax.set_xlabel("recall")
             ax.set_ylabel("QPS")
             ax.axvline(0.95, color="grey", lw=0.5, ls="--")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend([handles[m] for m in methods if m in handles],
+               [m for m in methods if m in handles], loc="upper center",
+               ncol=len(handles), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=90)
     tmp.replace(path)

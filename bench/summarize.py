@@ -29,13 +29,16 @@ def ann():
     p = d["params"]
     out = [f"**Flat filtered Int8 search** (`bench/ann.py`, N = {p['items']:,}, D = {p['dim']}, "
            f"B = {p['batch']}; {_machine(d)})", "",
-           "| pass rate | k | st_jax recall | st_jax QPS | + rerank recall | + rerank QPS | "
-           "faiss SQ8 recall | faiss SQ8 QPS | speed-up (Int8 / rerank) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| pass rate | k | st_jax recall | st_jax QPS | XLA twin QPS | + rerank recall | "
+           "+ rerank QPS | faiss SQ8 recall | faiss SQ8 QPS | speed-up (Int8 / rerank) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["results"]:
         s, x, f = r["st_jax"], r[rr], r["faiss_sq8"]
+        twin = r.get("st_jax_xla_twin")
+        tq = f"{twin['qps']:.0f}" if twin else "—"
         out.append(f"| {r['pass_rate']:.1%} | {r['k']} | {s['recall']:.3f} | {s['qps']:.0f} | "
-                   f"{x['recall']:.3f} | {x['qps']:.0f} | {f['recall']:.3f} | {f['qps']:.0f} | "
+                   f"{tq} | {x['recall']:.3f} | {x['qps']:.0f} | {f['recall']:.3f} | "
+                   f"{f['qps']:.0f} | "
                    f"{r['speedup_vs_sq8']:.2f}× / {r['speedup_vs_sq8_rerank']:.2f}× |")
     b = d["bytes_per_item"]
     out += ["", f"Bytes/item: st_jax {b['st_jax']:.0f} (+ bf16 cache {b['st_jax_with_bf16_cache']:.0f}), "
