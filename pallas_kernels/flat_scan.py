@@ -32,7 +32,7 @@ from jax import lax
 from pallas_kernels import native
 from pallas_kernels._ffi import native_cpu_primitive
 from pallas_kernels._select import pack_mask, popcount_rows, set_bit_positions
-from pallas_kernels.int8_topk import (BACKENDS, _check_inputs, int8_topk_pallas, quantize_rows,
+from pallas_kernels.int8_topk import (_check_inputs, dispatch, int8_topk_pallas, quantize_rows,
                                       reference_scan, unpack_mask)
 
 # Selective masks: when the eligible items (union over the batch) fit in one of these
@@ -154,17 +154,8 @@ def flat_topk(q, codes, scale, mask=None, *, k: int, num_valid: int | None = Non
     available (:mod:`pallas_kernels.native`; not in ``jax.export`` artifacts), else the XLA
     twin; ``backend="xla"`` always takes the twin, ``"pallas"`` / ``"interpret"`` the kernel.
     Returns ``(scores f32[B, k], rows i32[B, k])``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    twin = functools.partial(flat_topk_reference, k=k, num_valid=num_valid)
-    kern = functools.partial(_pallas, k=k, num_valid=num_valid)
-    if backend == "xla":
-        return twin(q, codes, scale, mask)
-    if backend == "pallas":
-        return kern(q, codes, scale, mask)
-    if backend == "interpret":
-        return kern(q, codes, scale, mask, interpret=True)
-    cpu = functools.partial(_scan_cpu, k=k, num_valid=num_valid, require_native=False)
-    return lax.platform_dependent(q, codes, scale, mask,
-                                  cuda=lambda *a: kern(*a), cpu=lambda *a: cpu(*a),
-                                  default=lambda *a: twin(*a))
+    return dispatch(backend, (q, codes, scale, mask),
+                    twin=functools.partial(flat_topk_reference, k=k, num_valid=num_valid),
+                    kernel=functools.partial(_pallas, k=k, num_valid=num_valid),
+                    cpu=functools.partial(_scan_cpu, k=k, num_valid=num_valid,
+                                          require_native=False))

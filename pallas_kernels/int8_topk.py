@@ -577,6 +577,25 @@ def tile_saturation(v, ids, *, k: int, tile: int, batch: int):
 BACKENDS = ("auto", "xla", "pallas", "interpret")
 
 
+def dispatch(backend: str, args: tuple, *, twin, kernel, cpu=None):
+    """The kernels' backend choice: ``"xla"`` ``twin(*args)``, ``"pallas"`` ``kernel(*args)``,
+    ``"interpret"`` ``kernel(*args, interpret=True)``, ``"auto"`` chosen when lowered
+    (``lax.platform_dependent``): the kernel for CUDA (also when exporting for ``cuda`` from a
+    CPU host), ``cpu`` (the twin when None) for CPU, the twin elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "xla":
+        return twin(*args)
+    if backend == "pallas":
+        return kernel(*args)
+    if backend == "interpret":
+        return kernel(*args, interpret=True)
+    branches = {"cuda": lambda *a: kernel(*a), "default": lambda *a: twin(*a)}
+    if cpu is not None:
+        branches["cpu"] = lambda *a: cpu(*a)
+    return lax.platform_dependent(*args, **branches)
+
+
 def int8_topk(q, codes, scale, mask=None, *, k: int, num_valid: int | None = None,
               backend: str = "auto", block_sizes: BlockSizes = BlockSizes()):
     """Masked Int8 top-k: the Pallas kernel on GPU, the XLA twin elsewhere.
@@ -585,16 +604,7 @@ def int8_topk(q, codes, scale, mask=None, *, k: int, num_valid: int | None = Non
     otherwise — so an export for ``cuda`` from a CPU host gets the kernel), ``"xla"``,
     ``"pallas"``, ``"interpret"``. Returns ``(scores f32[B, k], ids i32[B, k])``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     twin = functools.partial(int8_topk_reference, k=k, num_valid=num_valid)
     kern = functools.partial(int8_topk_pallas, k=k, num_valid=num_valid,
                              block_sizes=block_sizes)
-    if backend == "xla":
-        return twin(q, codes, scale, mask)
-    if backend == "pallas":
-        return kern(q, codes, scale, mask)
-    if backend == "interpret":
-        return kern(q, codes, scale, mask, interpret=True)
-    return lax.platform_dependent(q, codes, scale, mask,
-                                  cuda=lambda *a: kern(*a), default=lambda *a: twin(*a))
+    return dispatch(backend, (q, codes, scale, mask), twin=twin, kernel=kern)

@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import native
 from pallas_kernels._ffi import native_cpu_primitive
 from pallas_kernels._select import pow2_floor, set_bit_positions, top_k
-from pallas_kernels.int8_topk import (BACKENDS, NEG_INF, _pow2_ceil, exact_topk_from_tiles,
+from pallas_kernels.int8_topk import (NEG_INF, _pow2_ceil, dispatch, exact_topk_from_tiles,
                                       gathered_row_dots, int8_row_dots, padded_dim,
                                       quantize_rows)
 
@@ -361,17 +361,7 @@ def ivf_topk(q, codes, scale, blocks, pmask, *, k: int, block: int, backend: str
     """IVF scan: the Pallas kernel on GPU; on CPU the native kernel when it is available
     (:mod:`pallas_kernels.native`; not in ``jax.export`` artifacts), else the XLA twin;
     ``backend="xla"`` always takes the twin (see int8_topk)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    twin = functools.partial(ivf_topk_reference, k=k, block=block)
-    kern = functools.partial(ivf_topk_pallas, k=k, block=block)
-    if backend == "xla":
-        return twin(q, codes, scale, blocks, pmask)
-    if backend == "pallas":
-        return kern(q, codes, scale, blocks, pmask)
-    if backend == "interpret":
-        return kern(q, codes, scale, blocks, pmask, interpret=True)
-    cpu = functools.partial(_scan_cpu, k=k, block=block, require_native=False)
-    return lax.platform_dependent(q, codes, scale, blocks, pmask,
-                                  cuda=lambda *a: kern(*a), cpu=lambda *a: cpu(*a),
-                                  default=lambda *a: twin(*a))
+    return dispatch(backend, (q, codes, scale, blocks, pmask),
+                    twin=functools.partial(ivf_topk_reference, k=k, block=block),
+                    kernel=functools.partial(ivf_topk_pallas, k=k, block=block),
+                    cpu=functools.partial(_scan_cpu, k=k, block=block, require_native=False))

@@ -368,12 +368,13 @@ def search(index: Index, queries, k: int, allow=None, *, filter=None,
         only when it holds well over ``k`` eligible items; 16 keeps recall >= 0.95 on our
         benchmarks with a margin (0: never starved). Smaller widens fewer probes: on the 1M
         benchmark with a 10 % filter at k = 100, nprobe 7-10, 16 gives recall 0.981, 8
-        0.952-0.967 and 4 0.951-0.967, at about 2x the speed of 16 for 4. A probe at least half eligible (no filter, or a weak
-        one) is never starved: its recall is set by ``nprobe``.
+        0.952-0.967 and 4 0.951-0.967, at about 2x the speed of 16 for 4. A probe at
+        least half eligible (no filter, or a weak one) is never starved: its recall is set
+        by ``nprobe``.
       max_nprobe: how far a starved query may widen its probe (default ``min(4 * nprobe,
-        C / 8)``, at least ``nprobe``; ``nprobe``: never). It takes the next clusters in centroid order until
-        the probe holds ``need`` eligible items (``path == 3``) -- a 10 % filter at nprobe 8
-        then reads about 20 clusters instead of the whole index. The exact flat filtered
+        C / 8)``, at least ``nprobe``; ``nprobe``: never). It takes the next clusters in
+        centroid order until the probe holds ``need`` eligible items (``path == 3``) -- a
+        10 % filter at nprobe 8 then reads about 20 clusters instead of the whole index. The exact flat filtered
         scan answers it instead (``path == 2``) when ``max_nprobe`` clusters are not enough,
         when its probe passes the filter at under half the index's rate (a filter correlated
         with the clusters: widening would cover too few of the clusters holding its items),

@@ -11,6 +11,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -73,10 +74,14 @@ inline void dots(const int8_t* q, const int8_t* x, int64_t n, int64_t d, int32_t
       __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
       const int8_t* x0 = x + r * d;
       for (int64_t c = 0; c < nc; ++c) {
-        a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_loadu_si512(x0 + 64 * c), flip), qv[c]);
-        a1 = _mm512_dpbusd_epi32(a1, _mm512_xor_si512(_mm512_loadu_si512(x0 + d + 64 * c), flip), qv[c]);
-        a2 = _mm512_dpbusd_epi32(a2, _mm512_xor_si512(_mm512_loadu_si512(x0 + 2 * d + 64 * c), flip), qv[c]);
-        a3 = _mm512_dpbusd_epi32(a3, _mm512_xor_si512(_mm512_loadu_si512(x0 + 3 * d + 64 * c), flip), qv[c]);
+        a0 = _mm512_dpbusd_epi32(
+            a0, _mm512_xor_si512(_mm512_loadu_si512(x0 + 64 * c), flip), qv[c]);
+        a1 = _mm512_dpbusd_epi32(
+            a1, _mm512_xor_si512(_mm512_loadu_si512(x0 + d + 64 * c), flip), qv[c]);
+        a2 = _mm512_dpbusd_epi32(
+            a2, _mm512_xor_si512(_mm512_loadu_si512(x0 + 2 * d + 64 * c), flip), qv[c]);
+        a3 = _mm512_dpbusd_epi32(
+            a3, _mm512_xor_si512(_mm512_loadu_si512(x0 + 3 * d + 64 * c), flip), qv[c]);
       }
       out[r] = _mm512_reduce_add_epi32(a0) - 128 * qsum;
       out[r + 1] = _mm512_reduce_add_epi32(a1) - 128 * qsum;
@@ -86,7 +91,8 @@ inline void dots(const int8_t* q, const int8_t* x, int64_t n, int64_t d, int32_t
     for (; r < n; ++r) {
       __m512i a = _mm512_setzero_si512();
       for (int64_t c = 0; c < nc; ++c)
-        a = _mm512_dpbusd_epi32(a, _mm512_xor_si512(_mm512_loadu_si512(x + r * d + 64 * c), flip), qv[c]);
+        a = _mm512_dpbusd_epi32(
+            a, _mm512_xor_si512(_mm512_loadu_si512(x + r * d + 64 * c), flip), qv[c]);
       out[r] = _mm512_reduce_add_epi32(a) - 128 * qsum;
     }
     return;
@@ -96,7 +102,8 @@ inline void dots(const int8_t* q, const int8_t* x, int64_t n, int64_t d, int32_t
     const int8_t* row = x + r * d;
     int32_t acc = 0;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < d; ++j) acc += static_cast<int32_t>(q[j]) * static_cast<int32_t>(row[j]);
+    for (int64_t j = 0; j < d; ++j)
+      acc += static_cast<int32_t>(q[j]) * static_cast<int32_t>(row[j]);
     out[r] = acc;
   }
 }
@@ -159,5 +166,22 @@ inline ffi::Error out_of_memory(const char* kernel) {
                     std::string("st_jax ") + kernel + ": out of memory for the candidates "
                     "(use a smaller k or batch)");
 }
+
+// A handler's body, with std::bad_alloc turned into an XLA error.
+template <class Body>
+ffi::Error guarded(const char* kernel, Body&& body) {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    return out_of_memory(kernel);
+  }
+}
+
+// Buffer types of the handlers' signatures (the handler macro cannot take template
+// arguments with commas).
+using QCodes = ffi::BufferR2<ffi::S8>;
+using F32Vec = ffi::BufferR1<ffi::F32>;
+using OutV = ffi::BufferR2<ffi::F32>;
+using OutR = ffi::BufferR2<ffi::S32>;
 
 }  // namespace st_native

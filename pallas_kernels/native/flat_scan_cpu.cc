@@ -295,97 +295,83 @@ ffi::Error FlatScan(ffi::ThreadPool pool, ffi::Buffer<ffi::S8, 2> qc, ffi::Buffe
                     ffi::Buffer<ffi::S8, 2> codes, ffi::Buffer<ffi::F32, 1> scale,
                     ffi::Buffer<ffi::U32, 2> mask, int64_t k, int64_t num_valid,
                     ffi::ResultBuffer<ffi::F32, 2> out_v, ffi::ResultBuffer<ffi::S32, 2> out_r) {
-  const auto qd = qc.dimensions(), cd = codes.dimensions(), md = mask.dimensions(),
-             vd = out_v->dimensions();
-  const int64_t B = qd[0], D = qd[1], N = cd[0], W = (N + 31) / 32, M = md[0];
-  if (cd[1] != D || qs.dimensions()[0] != B || scale.dimensions()[0] != N || md[1] != W ||
-      (M != 0 && M != 1 && M != B) || vd[0] != B || vd[1] != k || k < 1 || D < 1)
-    return ffi::Error::InvalidArgument("st_jax flat_scan: operand shapes do not agree");
-  if (num_valid < 0 || num_valid > N)
-    return ffi::Error::InvalidArgument("st_jax flat_scan: num_valid must be in [0, N]");
-  if (N > std::numeric_limits<int32_t>::max())
-    return ffi::Error::InvalidArgument("st_jax flat_scan: more than 2**31 - 1 rows");
-  if (B == 0) return ffi::Error::Success();
+  return guarded("flat_scan", [&]() -> ffi::Error {  // (no exception may leave it)
+    const auto qd = qc.dimensions(), cd = codes.dimensions(), md = mask.dimensions(),
+               vd = out_v->dimensions();
+    const int64_t B = qd[0], D = qd[1], N = cd[0], W = (N + 31) / 32, M = md[0];
+    if (cd[1] != D || qs.dimensions()[0] != B || scale.dimensions()[0] != N || md[1] != W ||
+        (M != 0 && M != 1 && M != B) || vd[0] != B || vd[1] != k || k < 1 || D < 1)
+      return ffi::Error::InvalidArgument("st_jax flat_scan: operand shapes do not agree");
+    if (num_valid < 0 || num_valid > N)
+      return ffi::Error::InvalidArgument("st_jax flat_scan: num_valid must be in [0, N]");
+    if (N > std::numeric_limits<int32_t>::max())
+      return ffi::Error::InvalidArgument("st_jax flat_scan: more than 2**31 - 1 rows");
+    if (B == 0) return ffi::Error::Success();
 
-  const int64_t nj = (D + 3) / 4;
-  std::vector<int32_t> qw(B * nj, 0), qsum(B, 0);
-  for (int64_t b = 0; b < B; ++b) {
-    const int8_t* q = qc.typed_data() + b * D;
-    std::memcpy(qw.data() + b * nj, q, D);  // zero padded to whole 4-byte groups
-    for (int64_t j = 0; j < D; ++j) qsum[b] += q[j];
-  }
-  FlatArgs a{qc.typed_data(), qs.typed_data(), codes.typed_data(), scale.typed_data(),
-             mask.typed_data(), B, D, N, W, M, num_valid, k,
-             std::max<int64_t>(1, std::min<int64_t>(k, num_valid)), nj, qw.data(), qsum.data(),
-             false, nullptr};
-  std::unique_ptr<std::atomic<uint32_t>[]> best(new std::atomic<uint32_t>[B]);
-  for (int64_t b = 0; b < B; ++b) best[b].store(ordered(kNegInf));
-  a.best = best.get();
-#ifdef ST_VNNI
-  a.interleave = B >= 4;  // fewer queries do not repay the layout change
-#endif
-  const int64_t units = (num_valid + kUnit - 1) / kUnit;
-  std::vector<Worker> workers(team_size(pool, units));
-  for (Worker& w : workers) {
-    w.cand.resize(B);
-    for (auto& c : w.cand) c.reserve(std::min<int64_t>(2 * a.kk, 4096));  // fewer regrowths
-    w.thr.assign(B, kNegInf);
-    w.rows.resize(kTile);
-    w.sc.resize(kTile);
-    if (a.interleave) w.xt.resize(kTile * nj * 4);
-    else w.dot.resize(kTile);
-  }
-  if (!parallel_for(pool, units, [&](int64_t u, int64_t wi) { scan_unit(a, workers[wi], u); }))
-    return out_of_memory("flat_scan");
+    const int64_t nj = (D + 3) / 4;
+    std::vector<int32_t> qw(B * nj, 0), qsum(B, 0);
+    for (int64_t b = 0; b < B; ++b) {
+      const int8_t* q = qc.typed_data() + b * D;
+      std::memcpy(qw.data() + b * nj, q, D);  // zero padded to whole 4-byte groups
+      for (int64_t j = 0; j < D; ++j) qsum[b] += q[j];
+    }
+    FlatArgs a{qc.typed_data(), qs.typed_data(), codes.typed_data(), scale.typed_data(),
+               mask.typed_data(), B, D, N, W, M, num_valid, k,
+               std::max<int64_t>(1, std::min<int64_t>(k, num_valid)), nj, qw.data(), qsum.data(),
+               false, nullptr};
+    std::unique_ptr<std::atomic<uint32_t>[]> best(new std::atomic<uint32_t>[B]);
+    for (int64_t b = 0; b < B; ++b) best[b].store(ordered(kNegInf));
+    a.best = best.get();
+  #ifdef ST_VNNI
+    a.interleave = B >= 4;  // fewer queries do not repay the layout change
+  #endif
+    const int64_t units = (num_valid + kUnit - 1) / kUnit;
+    std::vector<Worker> workers(team_size(pool, units));
+    for (Worker& w : workers) {
+      w.cand.resize(B);
+      for (auto& c : w.cand) c.reserve(std::min<int64_t>(2 * a.kk, 4096));  // fewer regrowths
+      w.thr.assign(B, kNegInf);
+      w.rows.resize(kTile);
+      w.sc.resize(kTile);
+      if (a.interleave) w.xt.resize(kTile * nj * 4);
+      else w.dot.resize(kTile);
+    }
+    if (!parallel_for(pool, units, [&](int64_t u, int64_t wi) { scan_unit(a, workers[wi], u); }))
+      return out_of_memory("flat_scan");
 
-  // merge the workers' candidates per query
-  std::vector<std::vector<uint64_t>> merged(team_size(pool, B));
-  float* ov = out_v->typed_data();
-  int32_t* orow = out_r->typed_data();
-  const bool merged_ok = parallel_for(pool, B, [&](int64_t b, int64_t wi) {
-    std::vector<uint64_t>& c = merged[wi];
-    c.clear();
-    for (const Worker& w : workers) c.insert(c.end(), w.cand[b].begin(), w.cand[b].end());
-    const int64_t m = std::min<int64_t>(a.kk, c.size());
-    if (static_cast<int64_t>(c.size()) > m) cut_to_best(c, m);
-    std::sort(c.begin(), c.end());
-    for (int64_t t = 0; t < m; ++t) {
-      ov[b * k + t] = score_of(c[t]);
-      orow[b * k + t] = static_cast<int32_t>(pos_of(c[t]));
-    }
-    for (int64_t t = m; t < k; ++t) {
-      ov[b * k + t] = kNegInf;
-      orow[b * k + t] = -1;
-    }
+    // merge the workers' candidates per query
+    std::vector<std::vector<uint64_t>> merged(team_size(pool, B));
+    float* ov = out_v->typed_data();
+    int32_t* orow = out_r->typed_data();
+    const bool merged_ok = parallel_for(pool, B, [&](int64_t b, int64_t wi) {
+      std::vector<uint64_t>& c = merged[wi];
+      c.clear();
+      for (const Worker& w : workers) c.insert(c.end(), w.cand[b].begin(), w.cand[b].end());
+      const int64_t m = std::min<int64_t>(a.kk, c.size());
+      if (static_cast<int64_t>(c.size()) > m) cut_to_best(c, m);
+      std::sort(c.begin(), c.end());
+      for (int64_t t = 0; t < m; ++t) {
+        ov[b * k + t] = score_of(c[t]);
+        orow[b * k + t] = static_cast<int32_t>(pos_of(c[t]));
+      }
+      for (int64_t t = m; t < k; ++t) {
+        ov[b * k + t] = kNegInf;
+        orow[b * k + t] = -1;
+      }
+    });
+    if (!merged_ok) return out_of_memory("flat_scan");
+    return ffi::Error::Success();
   });
-  if (!merged_ok) return out_of_memory("flat_scan");
-  return ffi::Error::Success();
-}
-
-ffi::Error FlatScanChecked(ffi::ThreadPool pool, ffi::Buffer<ffi::S8, 2> qc,
-                           ffi::Buffer<ffi::F32, 1> qs, ffi::Buffer<ffi::S8, 2> codes,
-                           ffi::Buffer<ffi::F32, 1> scale, ffi::Buffer<ffi::U32, 2> mask,
-                           int64_t k, int64_t num_valid, ffi::ResultBuffer<ffi::F32, 2> out_v,
-                           ffi::ResultBuffer<ffi::S32, 2> out_r) {
-  try {  // (no exception may leave an FFI handler)
-    return FlatScan(pool, qc, qs, codes, scale, mask, k, num_valid, out_v, out_r);
-  } catch (const std::bad_alloc&) {
-    return out_of_memory("flat_scan");
-  }
 }
 
 }  // namespace
 
-using QCodes = ffi::BufferR2<ffi::S8>;
-using F32Vec = ffi::BufferR1<ffi::F32>;
 using Words2 = ffi::BufferR2<ffi::U32>;
-using OutV = ffi::BufferR2<ffi::F32>;
-using OutR = ffi::BufferR2<ffi::S32>;
 
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* StJaxFlatScan(
     XLA_FFI_CallFrame* call_frame);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(StJaxFlatScan, FlatScanChecked,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StJaxFlatScan, FlatScan,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<QCodes>()     // qc

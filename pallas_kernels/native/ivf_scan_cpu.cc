@@ -115,73 +115,57 @@ ffi::Error IvfScan(ffi::ThreadPool pool, ffi::Buffer<ffi::S8, 2> qc, ffi::Buffer
                    ffi::Buffer<ffi::S32, 2> blocks, ffi::Buffer<ffi::U32, 3> pmask, int64_t k,
                    int64_t block, ffi::ResultBuffer<ffi::F32, 2> out_v,
                    ffi::ResultBuffer<ffi::S32, 2> out_r) {
-  const auto qd = qc.dimensions(), cd = codes.dimensions(), bd = blocks.dimensions(),
-             md = pmask.dimensions(), vd = out_v->dimensions();
-  const int64_t B = qd[0], D = qd[1], n_rows = cd[0], P = bd[1];
-  if (block <= 0 || block % 32 || n_rows % block)
-    return ffi::Error::InvalidArgument("st_jax ivf_scan: block must be a positive multiple "
-                                       "of 32 dividing n_rows");
-  if (cd[1] != D || qs.dimensions()[0] != B || scale.dimensions()[0] != n_rows ||
-      bd[0] != B || md[0] != B || md[1] != P || md[2] != block / 32 || vd[0] != B ||
-      vd[1] != k || k < 1)
-    return ffi::Error::InvalidArgument("st_jax ivf_scan: operand shapes do not agree");
-  if (P * block > std::numeric_limits<int32_t>::max())
-    return ffi::Error::InvalidArgument("st_jax ivf_scan: probe too large");
-  const Args args{qc.typed_data(), qs.typed_data(), codes.typed_data(), scale.typed_data(),
-                  blocks.typed_data(), pmask.typed_data(), P, D, block, k,
-                  std::min<int64_t>(k, P * block), n_rows / block, out_v->typed_data(),
-                  out_r->typed_data()};
-  std::atomic<bool> bad{false};
-  struct Scratch {
-    std::vector<uint64_t> cand;
-    std::vector<int32_t> dot;
-    std::vector<float> score;
-  };
-  std::vector<Scratch> scratch(team_size(pool, B));
-  const bool ok = parallel_for(pool, B, [&](int64_t b, int64_t w) {
-    Scratch& s = scratch[w];
-    if (s.cand.capacity() == 0) {
-      s.cand.reserve(2 * args.kk + 1);
-      s.dot.resize(block);
-      s.score.resize(block);
-    }
-    if (!scan_query(args, b, s.cand, s.dot, s.score)) bad.store(true);
+  return guarded("ivf_scan", [&]() -> ffi::Error {  // (no exception may leave it)
+    const auto qd = qc.dimensions(), cd = codes.dimensions(), bd = blocks.dimensions(),
+               md = pmask.dimensions(), vd = out_v->dimensions();
+    const int64_t B = qd[0], D = qd[1], n_rows = cd[0], P = bd[1];
+    if (block <= 0 || block % 32 || n_rows % block)
+      return ffi::Error::InvalidArgument("st_jax ivf_scan: block must be a positive multiple "
+                                         "of 32 dividing n_rows");
+    if (cd[1] != D || qs.dimensions()[0] != B || scale.dimensions()[0] != n_rows ||
+        bd[0] != B || md[0] != B || md[1] != P || md[2] != block / 32 || vd[0] != B ||
+        vd[1] != k || k < 1)
+      return ffi::Error::InvalidArgument("st_jax ivf_scan: operand shapes do not agree");
+    if (P * block > std::numeric_limits<int32_t>::max())
+      return ffi::Error::InvalidArgument("st_jax ivf_scan: probe too large");
+    const Args args{qc.typed_data(), qs.typed_data(), codes.typed_data(), scale.typed_data(),
+                    blocks.typed_data(), pmask.typed_data(), P, D, block, k,
+                    std::min<int64_t>(k, P * block), n_rows / block, out_v->typed_data(),
+                    out_r->typed_data()};
+    std::atomic<bool> bad{false};
+    struct Scratch {
+      std::vector<uint64_t> cand;
+      std::vector<int32_t> dot;
+      std::vector<float> score;
+    };
+    std::vector<Scratch> scratch(team_size(pool, B));
+    const bool ok = parallel_for(pool, B, [&](int64_t b, int64_t w) {
+      Scratch& s = scratch[w];
+      if (s.cand.capacity() == 0) {
+        s.cand.reserve(2 * args.kk + 1);
+        s.dot.resize(block);
+        s.score.resize(block);
+      }
+      if (!scan_query(args, b, s.cand, s.dot, s.score)) bad.store(true);
+    });
+    if (!ok) return out_of_memory("ivf_scan");
+    if (bad.load())
+      return ffi::Error::InvalidArgument("st_jax ivf_scan: a probed block with eligible items "
+                                         "is out of range [0, n_rows / block)");
+    return ffi::Error::Success();
   });
-  if (!ok) return out_of_memory("ivf_scan");
-  if (bad.load())
-    return ffi::Error::InvalidArgument("st_jax ivf_scan: a probed block with eligible items "
-                                       "is out of range [0, n_rows / block)");
-  return ffi::Error::Success();
-}
-
-ffi::Error IvfScanChecked(ffi::ThreadPool pool, ffi::Buffer<ffi::S8, 2> qc,
-                          ffi::Buffer<ffi::F32, 1> qs, ffi::Buffer<ffi::S8, 2> codes,
-                          ffi::Buffer<ffi::F32, 1> scale, ffi::Buffer<ffi::S32, 2> blocks,
-                          ffi::Buffer<ffi::U32, 3> pmask, int64_t k, int64_t block,
-                          ffi::ResultBuffer<ffi::F32, 2> out_v,
-                          ffi::ResultBuffer<ffi::S32, 2> out_r) {
-  try {  // (no exception may leave an FFI handler)
-    return IvfScan(pool, qc, qs, codes, scale, blocks, pmask, k, block, out_v, out_r);
-  } catch (const std::bad_alloc&) {
-    return out_of_memory("ivf_scan");
-  }
 }
 
 }  // namespace
 
-// (aliases: the handler macro cannot take template arguments with commas)
-using QCodes = ffi::BufferR2<ffi::S8>;
-using F32Vec = ffi::BufferR1<ffi::F32>;
 using Blocks = ffi::BufferR2<ffi::S32>;
 using Words = ffi::BufferR3<ffi::U32>;
-using OutV = ffi::BufferR2<ffi::F32>;
-using OutR = ffi::BufferR2<ffi::S32>;
 
 // the handler symbol native.py loads (the library is built with -fvisibility=hidden)
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* StJaxIvfScan(
     XLA_FFI_CallFrame* call_frame);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(StJaxIvfScan, IvfScanChecked,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StJaxIvfScan, IvfScan,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<QCodes>()     // qc
