@@ -174,14 +174,14 @@ def _main_topk(spec: GraphSpec, index, q, t: int, inputs: dict, prog, k0: int):
             fm = filter_mask(index.filters, prog, backend=spec.backend)          # [B, W]
             mask = fm if mask is None else mask & fm
             prog = None
-        else:            # IVF: the filter runs on each task query's probed clusters only
-            prog = jax.tree_util.tree_map(lambda a: jnp.tile(a, (t,) + (1,) * (a.ndim - 1)),
-                                          prog)
+        # IVF: the filter runs on each task query's probed clusters only (and, should the
+        # flat scan answer, once per user over the whole index: prog_tasks)
     if mask is not None:
         mask = jnp.tile(mask, (t, 1))                                            # [T*B, W]
     vals, rows, path = _search_core(index, q, mask, prog, k=k0, nprobe=spec.nprobe, rerank=0,
                                     min_eligible_factor=spec.min_eligible_factor,
-                                    backend=spec.backend, max_nprobe=spec.max_nprobe)
+                                    backend=spec.backend, max_nprobe=spec.max_nprobe,
+                                    prog_tasks=t)
     safe = jnp.clip(rows, 0, index.num_rows - 1)
     pos = safe if index.perm is None else index.perm[safe]
     ids = pos if index.ids is None else index.ids[jnp.maximum(pos, 0)]

@@ -412,16 +412,14 @@ def _sharded_core(sidx: ShardedIndex, q, mask, prog, exclude, *, k: int, nprobe:
             fm = filter_mask(idx.filters, prog, backend=backend)
             m = fm if m is None else m & fm
             prog = None
-        if tasks > 1:
-            if m is not None and m.ndim == 2:
-                m = tile(m)
-            if prog is not None and prog.per_query:   # IVF: per task query, probed words only
-                prog = jax.tree_util.tree_map(tile, prog)
+        if tasks > 1 and m is not None and m.ndim == 2:
+            m = tile(m)
+        # IVF: a user's program serves its task queries (probed words; prog_tasks)
         vals, rows, path = _int8_candidates(idx, q, m, prog, k=k, kk=kk,
                                             nprobe=nprobe if ivf else 0,
                                             min_eligible_factor=min_eligible_factor,
                                             backend=backend, max_nprobe=max_nprobe,
-                                            axis_name=ax)
+                                            axis_name=ax, prog_tasks=tasks)
         ok = rows >= 0
         safe = jnp.maximum(rows, 0)
         ids = jnp.where(ok, a["row_ids"][safe], -1)

@@ -169,6 +169,23 @@ def test_correlated_filter_is_not_widened(cat, index):
     np.testing.assert_array_equal(np.asarray(res.ids)[path == 2], np.asarray(flat.ids)[path == 2])
 
 
+def test_attribute_filters_widen_as_allow_masks_do(cat):
+    """An attribute filter runs on the probed words only, so the index-wide pass rate the
+    widening test needs is estimated on a sample of words (every word at this size): a
+    uniform 20 % filter widens (path 3) and a cluster-correlated one takes the flat scan,
+    exactly as the same sets given as allow masks."""
+    g = (np.random.default_rng(4).random(N) < 0.2).astype(np.int32)
+    idx = st.build_index(cat.embeddings, num_clusters=48, ivf_block=64,
+                         attributes={"g": g, "c": cat.cluster})
+    for filt, allow, paths in (("g:1", g == 1, {3}), ("c:3", cat.cluster == 3, {1, 2})):
+        a = st.search(idx, cat.queries, 20, filter=filt, nprobe=2, max_nprobe=16)
+        b = st.search(idx, cat.queries, 20, allow, nprobe=2, max_nprobe=16)
+        for x, y in zip((a.ids, a.scores, a.path), (b.ids, b.scores, b.path)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        assert set(np.asarray(a.path).tolist()) <= paths
+        assert paths == {3} or (np.asarray(a.path) == 2).any()
+
+
 def test_widening_search_lowers_for_cuda(cat, index):
     """The whole IVF search with the widening branch (Pallas filter and IVF-scan kernels
     inside ``lax.cond``) lowers for CUDA on a CPU-only machine."""

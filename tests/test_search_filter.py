@@ -80,3 +80,38 @@ def test_match_everything_filters_skip_the_mask(indexes):
     # a syntax error is still reported by the compiler, with its column
     with pytest.raises(st.FilterError, match="column"):
         st.search(flat, Q, 3, filter="* AND (")
+
+
+def test_user_programs_shared_by_task_queries():
+    """prog_tasks (the served graph's T task queries per user): a program per user serves
+    its task queries -- the same results and paths as the programs tiled per query, on the
+    probe, the widened probe and the flat fallback."""
+    import jax
+    import jax.numpy as jnp
+
+    from st_jax._filter_index import compile_filter
+    from st_jax._search import _search_core
+    from st_jax.synthetic import clustered_catalogue
+
+    n, users, tasks = 12_000, 5, 2
+    cat = clustered_catalogue(n, 32, num_clusters=40, num_queries=users * tasks, seed=3)
+    rng = np.random.default_rng(3)
+    g = rng.integers(0, 50, n)
+    g[rng.random(n) < 0.1] = 7                        # g:7 ~11 %, others ~1.8 %, g:99 none
+    index = st.build_index(cat.embeddings, num_clusters=48, attributes={"g": g})
+    d_pad = index.items.codes.shape[1]
+    q = jnp.pad(jnp.asarray(cat.queries), ((0, 0), (0, d_pad - 32)))
+    kw = dict(k=10, nprobe=4, rerank=0, min_eligible_factor=16.0, backend="auto",
+              max_nprobe=24)
+    paths = set()
+    for filters in (["g:7", "g:7 OR g:4", "NOT g:7", "g:7", "g:7 OR g:1"],    # probe, widened
+                    ["g:7", "g:3", "g:7 OR g:4", "g:99", "NOT g:7"]):         # flat fallback
+        prog = compile_filter(index.filters, filters, batch_size=users)
+        tiled = jax.tree_util.tree_map(
+            lambda a: jnp.tile(a, (tasks,) + (1,) * (a.ndim - 1)), prog)
+        got = _search_core(index, q, None, prog, prog_tasks=tasks, **kw)
+        want = _search_core(index, q, None, tiled, **kw)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        paths |= set(np.asarray(got[2]).tolist())
+    assert paths == {1, 2, 3}
