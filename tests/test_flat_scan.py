@@ -59,7 +59,7 @@ CASES = [  # n, d, b, k, density, per_query, num_valid
     (2000, 40, 1, 9, 0.05, True, None),         # one query, selective, plain dots
     (777, 32, 4, 2000, 0.5, True, 700),         # k > eligible: padding
     (3000, 96, 5, 30, 0.0, False, None),        # nothing eligible
-    (70_000, 128, 12, 1024, 0.003, False, None),  # sparse: tiles of scattered rows
+    (40_000, 128, 12, 512, 0.005, False, None),   # sparse: tiles of scattered rows
 ]
 
 
@@ -153,7 +153,7 @@ def test_generic_build_without_vnni(tmp_path):
         from tests.test_flat_scan import CASES, brute, make, same
         native.ensure_loaded()
         rng = np.random.default_rng(0)
-        for n, d, b, k, density, per_query, num_valid in CASES[:8]:
+        for n, d, b, k, density, per_query, num_valid in [CASES[i] for i in (0, 2, 3, 5, 6)]:
             q, codes, scale, mask = make(rng, n, d, b, density, per_query)
             got = flat_topk_native(q, codes, scale, mask, k=k, num_valid=num_valid)
             same(got, brute(q, codes, scale, mask, k, num_valid))
