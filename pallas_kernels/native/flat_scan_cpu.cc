@@ -322,9 +322,9 @@ ffi::Error FlatScan(ffi::ThreadPool pool, ffi::Buffer<ffi::S8, 2> qc, ffi::Buffe
     std::unique_ptr<std::atomic<uint32_t>[]> best(new std::atomic<uint32_t>[B]);
     for (int64_t b = 0; b < B; ++b) best[b].store(ordered(kNegInf));
     a.best = best.get();
-  #ifdef ST_VNNI
+#ifdef ST_VNNI
     a.interleave = B >= 4;  // fewer queries do not repay the layout change
-  #endif
+#endif
     const int64_t units = (num_valid + kUnit - 1) / kUnit;
     std::vector<Worker> workers(team_size(pool, units));
     for (Worker& w : workers) {
