@@ -132,8 +132,11 @@ def _int8_candidates(index: Index, q, mask, prog, *, k: int, kk: int, nprobe: in
     """
     b = q.shape[0]
     repeat = prog_tasks if prog is not None and prog.per_query else 1
-    qprog = prog if repeat == 1 else jax.tree_util.tree_map(
-        lambda a: jnp.tile(a, (repeat,) + (1,) * (a.ndim - 1)), prog)    # one per query
+
+    def per_query(x):                  # a per-program row (or program) -> one per query
+        return x if repeat == 1 else jnp.tile(x, (repeat,) + (1,) * (x.ndim - 1))
+
+    qprog = None if prog is None else jax.tree_util.tree_map(per_query, prog)
     codes, scale = index.items.codes, index.items.scale
     if index.live is not None:
         mask = index.live if mask is None else mask & index.live
@@ -142,9 +145,7 @@ def _int8_candidates(index: Index, q, mask, prog, *, k: int, kk: int, nprobe: in
     def full_mask():
         if prog is None:
             return mask
-        f = filter_mask(index.filters, prog, backend=backend)
-        if repeat > 1:
-            f = jnp.tile(f, (repeat, 1))
+        f = per_query(filter_mask(index.filters, prog, backend=backend))
         return f if mask is None else f & mask
 
     def flat():
@@ -216,17 +217,20 @@ def _int8_candidates(index: Index, q, mask, prog, *, k: int, kk: int, nprobe: in
     rows_all = psum(jnp.int32(num_valid))
     # The index's eligible count: the allow mask's, and with a filter program its estimate
     # from a fixed sample of words (the filter itself runs on the probed words only).
+    # (only when a query is starved: `starved` agrees across shards, the psum is outside)
     eligible_all = f32(total)
     if prog is not None:
         stride = max(1, index.num_words // _RATE_SAMPLE_WORDS)
         sample = jnp.arange(0, index.num_words, stride, dtype=jnp.int32)
-        hits = filter_mask(index.filters, prog, word_ids=sample, backend=backend)
-        if hits.ndim == 2 and repeat > 1:
-            hits = jnp.tile(hits, (repeat, 1))
-        hits = hits & mask[..., sample]                         # [S] or [B, S]
-        counts = jnp.sum(lax.population_count(hits).astype(jnp.int32), axis=-1)
-        eligible_all = psum(f32(jnp.broadcast_to(counts, (b,))) * (index.num_words
-                                                                    / sample.shape[0]))
+
+        def sampled():                                          # i32[B] eligible in sample
+            hits = per_query(filter_mask(index.filters, prog, word_ids=sample,
+                                         backend=backend)) & mask[..., sample]
+            counts = jnp.sum(lax.population_count(hits).astype(jnp.int32), axis=-1)
+            return jnp.broadcast_to(counts, (b,))
+
+        counts = lax.cond(jnp.any(starved), sampled, lambda: jnp.zeros((b,), jnp.int32))
+        eligible_all = psum(f32(counts) * (index.num_words / sample.shape[0]))
     widenable = (starved & (2 * f32(in_probe) * f32(rows_all) >= eligible_all * f32(probed))
                  & (f32(in_probe) * f32(psum(jnp.int32(ivf.probe_caps[wide - 1] * ivf.block)))
                     >= f32(need) * f32(probed)))

@@ -28,24 +28,29 @@ namespace st_native {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// A candidate as one integer key, smaller = better: the score's order-preserving bits,
-// inverted, then a 32-bit position, so equal scores come in position order (lax.top_k's
-// order when the position is the index in the scored row).
-inline uint64_t key_of(float v, uint32_t pos) {
-  if (v == 0.0f) v = 0.0f;  // -0 ranks as +0, as in a float comparison
+// Float <-> unsigned bits in the same order (-0 below +0).
+inline uint32_t ordered(float v) {
   uint32_t u;
   std::memcpy(&u, &v, 4);
-  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // ascending with v
-  return (static_cast<uint64_t>(~u) << 32) | pos;
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-inline float score_of(uint64_t key) {
-  uint32_t u = ~static_cast<uint32_t>(key >> 32);
+inline float unordered(uint32_t u) {
   u = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
   float v;
   std::memcpy(&v, &u, 4);
   return v;
 }
+
+// A candidate as one integer key, smaller = better: the score's order-preserving bits,
+// inverted, then a 32-bit position, so equal scores come in position order (lax.top_k's
+// order when the position is the index in the scored row).
+inline uint64_t key_of(float v, uint32_t pos) {
+  if (v == 0.0f) v = 0.0f;  // -0 ranks as +0, as in a float comparison
+  return (static_cast<uint64_t>(~ordered(v)) << 32) | pos;
+}
+
+inline float score_of(uint64_t key) { return unordered(~static_cast<uint32_t>(key >> 32)); }
 
 inline uint32_t pos_of(uint64_t key) { return static_cast<uint32_t>(key); }
 
@@ -55,6 +60,14 @@ inline float cut_to_best(std::vector<uint64_t>& cand, int64_t kk) {
   std::nth_element(cand.begin(), cand.begin() + (kk - 1), cand.end());
   cand.resize(kk);
   return score_of(cand[kk - 1]);
+}
+
+// The best min(kk, size) keys of a candidate buffer, best first; returns their number.
+inline int64_t best_sorted(std::vector<uint64_t>& cand, int64_t kk) {
+  const int64_t m = std::min<int64_t>(kk, cand.size());
+  if (static_cast<int64_t>(cand.size()) > m) cut_to_best(cand, m);
+  std::sort(cand.begin(), cand.end());
+  return m;
 }
 
 // Exact int32 dots of n rows (row stride d) with the query q.
@@ -183,5 +196,15 @@ using QCodes = ffi::BufferR2<ffi::S8>;
 using F32Vec = ffi::BufferR1<ffi::F32>;
 using OutV = ffi::BufferR2<ffi::F32>;
 using OutR = ffi::BufferR2<ffi::S32>;
+
+// The binding both scans start with: the thread pool, then qc, qs, codes, scale.
+inline auto bind_scan() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<QCodes>()    // qc
+      .Arg<F32Vec>()    // qs
+      .Arg<QCodes>()    // codes
+      .Arg<F32Vec>();   // scale
+}
 
 }  // namespace st_native

@@ -42,7 +42,7 @@ struct FlatArgs {
   const int8_t* codes;
   const float* scale;
   const uint32_t* mask;
-  int64_t B, D, N, W, M, num_valid, k, kk;
+  int64_t B, D, W, M, num_valid, kk;
   int64_t nj;                   // 4-byte column groups of a row (ceil(D / 4))
   const int32_t* qw;            // [B, nj] the queries' 4-byte groups (zero padded)
   const int32_t* qsum;          // [B] sum of each query's codes
@@ -58,20 +58,6 @@ struct Worker {
   std::vector<uint8_t> xt;                  // their codes in the VNNI layout
   std::vector<int32_t> dot;                 // row-by-row dots (the plain path)
 };
-
-// Float <-> unsigned bits in the same order (for an atomic max).
-inline uint32_t ordered(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-inline float unordered(uint32_t u) {
-  u = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
-  float v;
-  std::memcpy(&v, &u, 4);
-  return v;
-}
 
 // Query b's threshold for worker w: its own, or a higher one another worker published (that
 // worker holds kk candidates at or above it, so a row below it cannot be in the top kk).
@@ -316,7 +302,7 @@ ffi::Error FlatScan(ffi::ThreadPool pool, ffi::Buffer<ffi::S8, 2> qc, ffi::Buffe
       for (int64_t j = 0; j < D; ++j) qsum[b] += q[j];
     }
     FlatArgs a{qc.typed_data(), qs.typed_data(), codes.typed_data(), scale.typed_data(),
-               mask.typed_data(), B, D, N, W, M, num_valid, k,
+               mask.typed_data(), B, D, W, M, num_valid,
                std::max<int64_t>(1, std::min<int64_t>(k, num_valid)), nj, qw.data(), qsum.data(),
                false, nullptr};
     std::unique_ptr<std::atomic<uint32_t>[]> best(new std::atomic<uint32_t>[B]);
@@ -347,9 +333,7 @@ ffi::Error FlatScan(ffi::ThreadPool pool, ffi::Buffer<ffi::S8, 2> qc, ffi::Buffe
       std::vector<uint64_t>& c = merged[wi];
       c.clear();
       for (const Worker& w : workers) c.insert(c.end(), w.cand[b].begin(), w.cand[b].end());
-      const int64_t m = std::min<int64_t>(a.kk, c.size());
-      if (static_cast<int64_t>(c.size()) > m) cut_to_best(c, m);
-      std::sort(c.begin(), c.end());
+      const int64_t m = best_sorted(c, a.kk);
       for (int64_t t = 0; t < m; ++t) {
         ov[b * k + t] = score_of(c[t]);
         orow[b * k + t] = static_cast<int32_t>(pos_of(c[t]));
@@ -372,12 +356,7 @@ extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* StJaxFlatScan(
     XLA_FFI_CallFrame* call_frame);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StJaxFlatScan, FlatScan,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<QCodes>()     // qc
-                                  .Arg<F32Vec>()     // qs
-                                  .Arg<QCodes>()     // codes
-                                  .Arg<F32Vec>()     // scale
+                              bind_scan()
                                   .Arg<Words2>()     // mask
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("num_valid")

@@ -90,12 +90,7 @@ bool scan_query(const Args& a, int64_t b, std::vector<uint64_t>& cand, std::vect
       }
     }
   }
-  const int64_t m = std::min<int64_t>(kk, cand.size());
-  if (static_cast<int64_t>(cand.size()) > m) {
-    std::nth_element(cand.begin(), cand.begin() + (m - 1), cand.end());
-    cand.resize(m);
-  }
-  std::sort(cand.begin(), cand.end());
+  const int64_t m = best_sorted(cand, kk);
   float* ov = a.out_v + b * a.k;
   int32_t* orow = a.out_r + b * a.k;
   for (int64_t t = 0; t < m; ++t) {
@@ -166,12 +161,7 @@ extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* StJaxIvfScan(
     XLA_FFI_CallFrame* call_frame);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(StJaxIvfScan, IvfScan,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<QCodes>()     // qc
-                                  .Arg<F32Vec>()     // qs
-                                  .Arg<QCodes>()     // codes
-                                  .Arg<F32Vec>()     // scale
+                              bind_scan()
                                   .Arg<Blocks>()     // blocks
                                   .Arg<Words>()      // pmask
                                   .Attr<int64_t>("k")
