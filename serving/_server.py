@@ -630,8 +630,13 @@ class Server:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
             await self.batcher.stop()
-            for pool in (self._batch_pool, self._items_pool, self._load_pool):
-                pool.shutdown(wait=False, cancel_futures=True)
+            pools = (self._batch_pool, self._items_pool, self._load_pool)
+            for pool in pools:
+                pool.shutdown(wait=False, cancel_futures=True)     # queued jobs: dropped
+            # jobs already running (a warm-up, a batch) hand their results back through this
+            # event loop: let them finish while it still runs, not call into a closed loop
+            # from their threads (the interpreter would wait for them at exit anyway)
+            await asyncio.to_thread(lambda: [pool.shutdown(wait=True) for pool in pools])
 
     def _load_and_warm(self) -> _Live:
         t = time.perf_counter()
