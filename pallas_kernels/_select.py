@@ -173,20 +173,6 @@ def threshold_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return lax.cond(ok, by_threshold, lambda x: tuple(lax.top_k(x, k)), x)
 
 
-def ties_by_row(vals: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(vals f32[B, k], rows i32[B, k])`` (best first) with equal finite values in
-    ascending ``rows`` order: one sort by (value, row) of the ``[B, k]`` result, only when
-    two neighbours tie (``lax.cond``; distinct scores, the usual case, cost one compare).
-    For selections whose candidates are not in row order (the flat twin's hierarchy)."""
-    tied = jnp.any((vals[:, 1:] == vals[:, :-1]) & (vals[:, 1:] > -jnp.inf))
-
-    def reorder(vals, rows):        # by total-order key: +0.0 before -0.0, as top_k
-        _, rows, vals = lax.sort((~ordered_keys(vals), rows, vals), num_keys=2)
-        return vals, rows
-
-    return lax.cond(tied, reorder, lambda v, r: (v, r), vals, rows)
-
-
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """``lax.top_k(x, k)``; for ``x f32[B, n]`` without NaN and ``k >= MIN_THRESHOLD_K``, by
     :func:`threshold_top_k` on CPU (the same values and positions)."""

@@ -17,9 +17,10 @@ k], rows i32[B, k])``, best first, ``-inf`` / ``-1`` padded.
   native kernel on CPU where it can be built (never in ``jax.export`` artifacts), else the
   XLA twin.
 
-The XLA twin's hierarchical selection returns the exact top-k scores; when several items tie
-at the k-th score, which of them it keeps may differ from the native kernel's (the lowest
-rows); everything else is identical.
+The XLA twin and the native kernel return the same floats, rows and order, bit for bit:
+``lax.top_k``'s order over all scores (by value, +0.0 above -0.0, then by ascending row; of
+the items tied at the k-th score the lowest rows are kept), ``-1`` for a row whose score is
+``-inf`` (overflow) as for padding.
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._select import pack_mask, ties_by_row, top_k
+from pallas_kernels._select import pack_mask, top_k
 
 NEG_INF = float("-inf")
 MAX_K = 1 << 16
@@ -55,13 +55,20 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     Args:
       x: ``f32[N, D]`` or ``bf16[N, D]``, assumed finite.
     Returns:
-      ``(codes i8[N, D], scale f32[N])``.
+      ``(codes i8[N, D], scale f32[N])``: ``scale = max|x| / 127`` (correctly rounded),
+      ``codes = clip(round(x * (1 / scale)), -127, 127)`` (``scale = 0``: ``codes = 0``).
     """
     x = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=-1)
-    scale = amax / QMAX
-    safe = jnp.where(scale > 0, scale, 1.0)
-    codes = jnp.clip(jnp.round(x / safe[..., None]), -QMAX, QMAX).astype(jnp.int8)
+    # The same floats whatever graph this is traced into. XLA rewrites a division by a
+    # constant or a broadcast into a multiply by the reciprocal (up to 1 ulp off) in some
+    # graphs and not in others (seen: the scoring with B = 1), and the XLA twins would then
+    # score differently from the kernels, which get the scale as an operand. So: the scale
+    # is the correctly rounded amax / 127 (a divisor behind an optimisation barrier is
+    # opaque to the rewrite), the codes round(x * (1 / scale)), written as a multiply.
+    scale = amax / lax.optimization_barrier(jnp.full_like(amax, QMAX))
+    inv = 1.0 / jnp.where(scale > 0, scale, 1.0)
+    codes = jnp.clip(jnp.round(x * inv[..., None]), -QMAX, QMAX).astype(jnp.int8)
     return codes, scale
 
 
@@ -256,16 +263,25 @@ def int8_topk_reference(q, codes, scale, mask=None, *, k: int, num_valid: int | 
     (:func:`gathered_row_dots`: gather and a narrow int8 GEMM, queries grouped per step),
     so the ``[B, N]`` scores are never stored: storing them from the scan costs more than
     the rescoring at every k (measured at 1M × 32: +40–85 ms, against 6 ms at k = 256 and
-    23 ms at k = 1024 for the rescoring). Every true top-k item lies in a selected
-    group at each level, since its group's maximum is at least its score (ties at the k-th
-    value aside: which of the items tied there are kept). Equal scores come in row order,
-    whichever path ran (:func:`~pallas_kernels._select.ties_by_row`: the candidates are
-    in group-rank order).
+    23 ms at k = 1024 for the rescoring). Every item of the exact top-k (in ``lax.top_k``'s
+    order: equal scores by ascending row, ties at the k-th score included) lies in a
+    selected group at each level: its group's maximum is at least its score, and every
+    level's selection is put back in row order, so equal maxima are decided by row. The
+    result is ``lax.top_k`` over all scores, values, rows and order.
     """
     _check_inputs(q, codes, scale, mask, k)
     qc, qs = quantize_rows(q)
     return reference_scan(qc, qs, codes, scale, mask, k=k, num_valid=num_valid, chunk=chunk,
                           fanout=fanout)
+
+
+def _total_order_max(x: jax.Array) -> jax.Array:
+    """``max(x, axis=-1)`` in ``lax.top_k``'s total order (+0.0 above -0.0; a float max may
+    return either zero), through int32 keys in the same order."""
+    i = lax.bitcast_convert_type(x, jnp.int32)
+    flip = (i >> 31) & jnp.int32(0x7FFFFFFF)        # negative floats: reverse their order
+    m = jnp.max(i ^ flip, axis=-1)
+    return lax.bitcast_convert_type(m ^ ((m >> 31) & jnp.int32(0x7FFFFFFF)), jnp.float32)
 
 
 def reference_scan(qc, qs, codes, scale, mask=None, *, k: int, num_valid: int | None = None,
@@ -305,8 +321,8 @@ def reference_scan(qc, qs, codes, scale, mask=None, *, k: int, num_valid: int | 
         ok = lax.dynamic_slice_in_dim(ok_all, start, c, ok_all.ndim - 1)
         ok = ok & (start + jnp.arange(c) >= i * c)
         s = jnp.where(ok, (_int_dot_f32(qc, cc) * sc[None, :]) * qs[:, None], NEG_INF)
-        g1 = jnp.max(s.reshape(b, c // fanout, fanout), axis=-1)
-        g2 = jnp.max(g1.reshape(b, c // leaf, fanout), axis=-1)
+        g1 = _total_order_max(s.reshape(b, c // fanout, fanout))
+        g2 = _total_order_max(g1.reshape(b, c // leaf, fanout))
         return None, ((s, g1, g2) if few else (g1, g2))
 
     # Pass 1 keeps the group maxima; the k best large groups, then the k best of their
@@ -320,16 +336,22 @@ def reference_scan(qc, qs, codes, scale, mask=None, *, k: int, num_valid: int | 
         return _pad_k(*_finish(vals, starts[pos // c] + pos % c), k)
     g1, g2 = out
     rows_b = jnp.arange(b)[:, None]
+    # Each level's selection is put back in row order (positions in g2 are in row order
+    # for every item that can be returned), so equal maxima and equal scores are decided
+    # by row at every level, as lax.top_k over all scores decides them: an item of the
+    # top-k, ties included, lies in a kept group at each level.
     _, top2 = top_k(jnp.moveaxis(g2, 0, 1).reshape(b, -1), k)            # [B, k]
+    top2 = jnp.sort(top2, axis=1)
     ch, w2 = top2 // (c // leaf), top2 % (c // leaf)
     cand1 = g1.reshape(nc, b, c // leaf, fanout)[ch, rows_b, w2].reshape(b, k * fanout)
     _, p1 = top_k(cand1, k)
+    p1 = jnp.sort(p1, axis=1)
     ch1 = jnp.take_along_axis(ch, p1 // fanout, axis=1)                        # [B, k]
     w1 = jnp.take_along_axis(w2, p1 // fanout, axis=1) * fanout + p1 % fanout  # group in chunk
     rows = (starts[ch1] + w1 * fanout)[:, :, None] + jnp.arange(fanout)        # [B, k, f]
     s0 = scores_of(rows.reshape(b, -1), jnp.repeat(ch1, fanout, axis=1))
     vals, p0 = top_k(s0, k)
-    return _finish(*ties_by_row(vals, jnp.take_along_axis(rows.reshape(b, -1), p0, axis=1)))
+    return _finish(vals, jnp.take_along_axis(rows.reshape(b, -1), p0, axis=1))
 
 
 # --------------------------------------------------------------------------------------

@@ -100,6 +100,8 @@ def _twin_scan(qc, qs, codes, scale, blocks, pmask, *, k: int, block: int,
     """:func:`ivf_topk_reference` on quantised queries (``qc i8[B, D]``, ``qs f32[B]``)."""
     b, p = blocks.shape
     d = codes.shape[1]
+    if b == 0 or p == 0:          # no queries, or nothing probed: all padding
+        return (jnp.full((b, k), NEG_INF, jnp.float32), jnp.full((b, k), -1, jnp.int32))
     live = jnp.any(pmask != 0, axis=-1)                          # [B, P]
     count = jnp.sum(live, axis=1, dtype=jnp.int32)               # live pairs per query
     kk = min(k, p * block)

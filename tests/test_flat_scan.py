@@ -35,19 +35,25 @@ def make(rng, n, d, b, density=1.0, per_query=False):
 
 
 def brute(q, codes, scale, mask, k, num_valid=None):
-    """Exact top-k, best first, equal scores by ascending row; -inf / -1 padded."""
+    """Exact top-k in lax.top_k's order: best first, +0.0 above -0.0, equal scores by
+    ascending row; -inf / -1 padded."""
     s = np.asarray(int8_scores_reference(q, codes, scale, mask, num_valid=num_valid))
-    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    order = np.lexsort((np.signbit(s), -s), axis=-1)[:, :k]
     v = np.take_along_axis(s, order, axis=1)
-    rows = np.where(np.isfinite(v), order, -1)
+    rows = np.where(v > -np.inf, order, -1)
     pad = k - v.shape[1]
     return (np.pad(v, ((0, 0), (0, pad)), constant_values=-np.inf),
             np.pad(rows, ((0, 0), (0, pad)), constant_values=-1))
 
 
 def same(got, want):
+    """Bit for bit (-0.0 is not 0.0 here)."""
     for g, w in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        g, w = np.asarray(g), np.asarray(w)
+        assert g.shape == w.shape, (g.shape, w.shape)
+        if np.float32 in (g.dtype, w.dtype):
+            g, w = g.astype(np.float32).view(np.uint32), w.astype(np.float32).view(np.uint32)
+        np.testing.assert_array_equal(g, w)
 
 
 CASES = [  # n, d, b, k, density, per_query, num_valid
@@ -69,7 +75,6 @@ def test_native_equals_brute_force_and_twin(rng, n, d, b, k, density, per_query,
     q, codes, scale, mask = make(rng, n, d, b, density, per_query)
     got = flat_topk_native(q, codes, scale, mask, k=k, num_valid=num_valid)
     same(got, brute(q, codes, scale, mask, k, num_valid))
-    # the twin: the same values (its rows too, barring ties at the k-th score)
     same(got, flat_topk_reference(q, codes, scale, mask, k=k, num_valid=num_valid))
     same(jax.jit(functools.partial(flat_topk, k=k, num_valid=num_valid))(q, codes, scale, mask),
          got)

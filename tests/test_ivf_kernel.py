@@ -32,16 +32,17 @@ def brute(q, codes, scale, blocks, bits, k, block):
         rows = (np.asarray(blocks[b])[:, None] * block + np.arange(block)).ravel()
         ok = bits[b].ravel()
         s = (np.asarray(codes, np.int64)[rows] @ np.asarray(qc[b], np.int64)).astype(np.float32)
-        s = np.where(ok, s * np.asarray(scale)[rows] * np.asarray(qs)[b], -np.inf)
+        with np.errstate(over="ignore"):               # scores may overflow to +-inf
+            s = np.where(ok, s * np.asarray(scale)[rows] * np.asarray(qs)[b], -np.inf)
         # duplicated probed blocks: keep the first occurrence of each row
         _, first = np.unique(rows, return_index=True)
         keep = np.zeros(rows.size, bool)
         keep[first] = True
         s = np.where(keep, s, -np.inf)
-        o = np.argsort(-s, kind="stable")[:k]
+        o = np.lexsort((np.signbit(s), -s))[:k]       # lax.top_k's order: +0.0 above -0.0
         v = s[o]
         out_v.append(np.pad(v, (0, k - v.size), constant_values=-np.inf))
-        out_i.append(np.pad(np.where(np.isfinite(v), rows[o], -1), (0, k - v.size),
+        out_i.append(np.pad(np.where(v > -np.inf, rows[o], -1), (0, k - v.size),
                             constant_values=-1))
     return np.stack(out_v), np.stack(out_i)
 

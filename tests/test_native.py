@@ -15,17 +15,17 @@ from jax import export
 import st_jax as st
 from st_jax.synthetic import clustered_catalogue
 from pallas_kernels import native
+from pallas_kernels.flat_scan import flat_topk_native, flat_topk_reference
+from pallas_kernels.int8_topk import pack_mask
 from pallas_kernels.ivf_scan import ivf_topk, ivf_topk_native, ivf_topk_reference
 
+from .test_flat_scan import brute as flat_brute, same
 from .test_ivf_kernel import brute, make, unique_blocks
 
 needs_compiler = pytest.mark.skipif(native._compiler() is None,
                                     reason="no C++ compiler on this machine")
 
 
-def same(got, want):
-    for g, w in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
 @needs_compiler
@@ -70,6 +70,76 @@ def test_ties_keep_probe_order(rng):
     for k in (3, 100, 512):
         want = ivf_topk_reference(q, codes, scale, blocks, pm, k=k, block=64)
         same(ivf_topk_native(q, codes, scale, blocks, pm, k=k, block=64), want)
+
+
+def edge_case(rng, kind, b, d):
+    """``(q f32[b, d], codes i8[n, d], scale f32[n], density)`` for the score edge cases."""
+    n = 70_000 if kind == "sparse_ties" else 4096
+    if kind in ("ties", "sparse_ties"):   # tiny codes, integer queries: most dots tie
+        codes = rng.integers(-2, 3, (n, d), dtype=np.int8)
+        scale = np.ones(n, np.float32)
+        q = rng.integers(-3, 4, (b, d)).astype(np.float32)
+        return q, codes, scale, (0.01 if kind == "sparse_ties" else 1.0)
+    codes = rng.integers(-127, 128, (n, d), dtype=np.int8)
+    scale = rng.random(n, dtype=np.float32) + 0.01
+    q = rng.standard_normal((b, d)).astype(np.float32)
+    if kind == "signed_zero":      # underflow: negative dots give -0.0, zero rows +0.0
+        q[:] = 0
+        q[:, 0] = 1e-30                                    # qs ~ 7.9e-33
+        scale[:] = 1e-20
+        codes[::3] = 0
+    elif kind == "overflow":       # scale 3e38: negative dots give -inf, positive +inf
+        scale[::7] = 3e38
+    elif kind == "integer_queries":   # the case where XLA once fused 1/127 into the twin
+        q = np.round(q * 3)
+    return q, codes, scale, 0.6
+
+
+@needs_compiler
+@pytest.mark.parametrize("kind,b,d", [
+    ("signed_zero", 1, 4), ("signed_zero", 6, 64), ("overflow", 1, 8), ("overflow", 5, 128),
+    ("integer_queries", 1, 256), ("integer_queries", 4, 128), ("ties", 1, 64),
+    ("ties", 9, 64), ("sparse_ties", 5, 64),
+])
+def test_native_and_twins_agree_bit_for_bit_on_edge_scores(rng, kind, b, d):
+    """Native kernels, XLA twins and brute force return the same float bits, rows and order
+    (lax.top_k's: +0.0 above -0.0, ties by row, the lowest rows kept at the k-th score,
+    row -1 for a -inf score) on underflowing, overflowing, integer-valued and tied scores,
+    with one query or a batch."""
+    q, codes, scale, density = edge_case(rng, kind, b, d)
+    n = codes.shape[0]
+    allow = rng.random(n) < density
+    mask = None if density == 1.0 else pack_mask(jnp.asarray(allow))
+    q, codes, scale = map(jnp.asarray, (q, codes, scale))
+    for k in (10, 300):
+        want = flat_brute(q, codes, scale, mask, k)
+        same(flat_topk_native(q, codes, scale, mask, k=k), want)
+        same(flat_topk_reference(q, codes, scale, mask, k=k), want)
+    if kind == "sparse_ties":
+        return
+    block, p = 64, 24                          # every query probes its own 24 of 64 blocks
+    blocks = unique_blocks(rng, b, n // block, p)
+    bits = np.broadcast_to(allow.reshape(-1, block)[np.asarray(blocks)], (b, p, block))
+    pm = jnp.asarray(np.packbits(bits, axis=-1, bitorder="little").view(np.uint32))
+    for k in (10, 300):
+        want = brute(q, codes, scale, blocks, bits, k, block)
+        same(ivf_topk_native(q, codes, scale, blocks, pm, k=k, block=block), want)
+        same(ivf_topk_reference(q, codes, scale, blocks, pm, k=k, block=block), want)
+
+
+@needs_compiler
+def test_no_queries_or_no_probes():
+    codes, scale = jnp.zeros((64, 8), jnp.int8), jnp.ones(64, jnp.float32)
+    for b, p in ((2, 0), (0, 2)):
+        q = jnp.ones((b, 8), jnp.float32)
+        args = (q, codes, scale, jnp.zeros((b, p), jnp.int32), jnp.zeros((b, p, 1), jnp.uint32))
+        for fn in (ivf_topk_native, ivf_topk_reference):
+            v, rows = fn(*args, k=3, block=32)
+            assert v.shape == rows.shape == (b, 3)
+            assert np.isneginf(np.asarray(v)).all() and (np.asarray(rows) == -1).all()
+    for fn in (flat_topk_native, flat_topk_reference):
+        v, rows = fn(jnp.ones((0, 8), jnp.float32), codes, scale, k=3)
+        assert v.shape == rows.shape == (0, 3)
 
 
 @needs_compiler

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from pallas_kernels._select import _plan, ordered_keys, threshold_top_k, ties_by_row, top_k
+from pallas_kernels._select import _plan, ordered_keys, threshold_top_k, top_k
 from pallas_kernels.int8_topk import gathered_row_dots, int8_row_dots
 
 
@@ -91,23 +91,3 @@ def test_gathered_row_dots_groups(rng, step_rows):
     want = np.einsum("bmd,bd->bm", codes[r].astype(np.int64), qc.astype(np.int64))
     assert got.shape == (7, 20)
     np.testing.assert_array_equal(got.astype(np.int64), want)
-
-
-@pytest.mark.parametrize("kind", ["random", "ties", "zeros", "sparse"])
-def test_ties_by_row_equals_a_stable_sort(rng, kind):
-    """A best-first selection whose rows are shuffled: equal values end in row order,
-    values (-0.0 / +0.0 and -inf included) untouched; untied input passes through."""
-    x = rows(rng, kind, 5, 300)
-    v, pos = lax.top_k(x, 200)                  # "zeros": both +0.0 and -0.0 selected
-    perm = jnp.asarray(rng.permutation(300), jnp.int32)        # rows not in position order
-    r = perm[pos]
-    got_v, got_r = jax.jit(ties_by_row)(v, r)
-    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(v))   # bitwise: -0.0 kept
-    np.testing.assert_array_equal(np.signbit(np.asarray(got_v)), np.signbit(np.asarray(v)))
-    gv, gr = np.asarray(got_v), np.asarray(got_r)
-    for b in range(5):
-        fin = np.isfinite(gv[b])
-        # by value (+0.0 before -0.0, as lax.top_k), then row
-        want = np.lexsort((gr[b][fin], np.signbit(gv[b][fin]), -gv[b][fin]))
-        np.testing.assert_array_equal(gr[b][fin], gr[b][fin][want])
-        np.testing.assert_array_equal(np.sort(gr[b][fin]), np.sort(np.asarray(r)[b][fin]))

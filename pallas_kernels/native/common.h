@@ -44,10 +44,16 @@ inline float unordered(uint32_t u) {
 
 // A candidate as one integer key, smaller = better: the score's order-preserving bits,
 // inverted, then a 32-bit position, so equal scores come in position order (lax.top_k's
-// order when the position is the index in the scored row).
+// order when the position is the index in the scored row). The order is lax.top_k's total
+// order: +0 above -0 (an underflowing negative score), and the score kept as it is.
 inline uint64_t key_of(float v, uint32_t pos) {
-  if (v == 0.0f) v = 0.0f;  // -0 ranks as +0, as in a float comparison
   return (static_cast<uint64_t>(~ordered(v)) << 32) | pos;
+}
+
+// The row a result slot reports: -1 for a -inf score (an eligible row whose score
+// overflowed), which the XLA twins cannot tell from padding either.
+inline int32_t reported_row(float v, int64_t row) {
+  return v > kNegInf ? static_cast<int32_t>(row) : -1;
 }
 
 inline float score_of(uint64_t key) { return unordered(~static_cast<uint32_t>(key >> 32)); }

@@ -336,7 +336,7 @@ ffi::Error FlatScan(ffi::ThreadPool pool, ffi::Buffer<ffi::S8, 2> qc, ffi::Buffe
       const int64_t m = best_sorted(c, a.kk);
       for (int64_t t = 0; t < m; ++t) {
         ov[b * k + t] = score_of(c[t]);
-        orow[b * k + t] = static_cast<int32_t>(pos_of(c[t]));
+        orow[b * k + t] = reported_row(ov[b * k + t], pos_of(c[t]));
       }
       for (int64_t t = m; t < k; ++t) {
         ov[b * k + t] = kNegInf;

@@ -96,7 +96,7 @@ bool scan_query(const Args& a, int64_t b, std::vector<uint64_t>& cand, std::vect
   for (int64_t t = 0; t < m; ++t) {
     ov[t] = score_of(cand[t]);
     const int64_t pos = static_cast<uint32_t>(cand[t]);
-    orow[t] = static_cast<int32_t>(a.blocks[b * a.P + pos / a.block] * a.block + pos % a.block);
+    orow[t] = reported_row(ov[t], a.blocks[b * a.P + pos / a.block] * a.block + pos % a.block);
   }
   for (int64_t t = m; t < a.k; ++t) {
     ov[t] = kNegInf;
