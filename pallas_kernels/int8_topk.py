@@ -275,13 +275,25 @@ def int8_topk_reference(q, codes, scale, mask=None, *, k: int, num_valid: int | 
                           fanout=fanout)
 
 
-def _total_order_max(x: jax.Array) -> jax.Array:
-    """``max(x, axis=-1)`` in ``lax.top_k``'s total order (+0.0 above -0.0; a float max may
-    return either zero), through int32 keys in the same order."""
+def order_key(x: jax.Array) -> jax.Array:
+    """``f32[...] -> i32[...]``: keys in ``lax.top_k``'s total order of the values (+0.0
+    above -0.0, where a float max may return either zero); :func:`key_value` inverts it.
+    Kernels select on these keys, so every implementation orders scores alike."""
     i = lax.bitcast_convert_type(x, jnp.int32)
-    flip = (i >> 31) & jnp.int32(0x7FFFFFFF)        # negative floats: reverse their order
-    m = jnp.max(i ^ flip, axis=-1)
-    return lax.bitcast_convert_type(m ^ ((m >> 31) & jnp.int32(0x7FFFFFFF)), jnp.float32)
+    return i ^ ((i >> 31) & jnp.int32(0x7FFFFFFF))   # negative floats: reverse their order
+
+
+def key_value(key: jax.Array) -> jax.Array:
+    """The inverse of :func:`order_key`."""
+    return lax.bitcast_convert_type(key ^ ((key >> 31) & jnp.int32(0x7FFFFFFF)), jnp.float32)
+
+
+NEG_INF_KEY = -2139095041   # order_key(-inf): 0xFF800000 with its low 31 bits flipped
+
+
+def _total_order_max(x: jax.Array) -> jax.Array:
+    """``max(x, axis=-1)`` in ``lax.top_k``'s total order."""
+    return key_value(jnp.max(order_key(x), axis=-1))
 
 
 def reference_scan(qc, qs, codes, scale, mask=None, *, k: int, num_valid: int | None = None,
@@ -397,18 +409,22 @@ def _topk_tile_kernel(qc_ref, qs_ref, x_ref, xs_ref, mask_ref, ov_ref, oi_ref, *
         return
     col = lax.broadcasted_iota(jnp.int32, (bq, m), 1)
 
-    def round_(r, carry):  # one round of max-and-mask, for every query of the block
-        s, vals, ids = carry
-        mx = jnp.max(s, axis=1)
-        pos = jnp.min(jnp.where(s == mx[:, None], j, tn), axis=1)
-        hit = mx > NEG_INF
+    # one round of max-and-mask per candidate, for every query of the block, on total-order
+    # keys (order_key): the best item, the lowest row among equal keys (rows j * T + t
+    # grow with j), +0.0 above -0.0
+    def round_(r, carry):
+        key, vals, ids = carry
+        mx = jnp.max(key, axis=1)
+        pos = jnp.min(jnp.where(key == mx[:, None], j, tn), axis=1)
+        hit = mx > NEG_INF_KEY
         vals = jnp.where(col == r, mx[:, None], vals)
         ids = jnp.where(col == r, jnp.where(hit, pos * num_tiles + t, -1)[:, None], ids)
-        return jnp.where(j == pos[:, None], NEG_INF, s), vals, ids
+        return jnp.where(j == pos[:, None], NEG_INF_KEY, key), vals, ids
 
-    _, vals, ids = lax.fori_loop(0, m, round_, (s, jnp.full((bq, m), NEG_INF, jnp.float32),
+    _, vals, ids = lax.fori_loop(0, m, round_, (order_key(s),
+                                                jnp.full((bq, m), NEG_INF_KEY, jnp.int32),
                                                 jnp.full((bq, m), -1, jnp.int32)))
-    ov_ref[...] = vals
+    ov_ref[...] = key_value(vals)
     oi_ref[...] = ids
 
 
@@ -515,7 +531,7 @@ def int8_topk_pallas(q, codes, scale, mask=None, *, k: int, num_valid: int | Non
 
     vals, idx = exact_topk_from_tiles(run, k=k, batch=b, num_tiles=t, tile=tn,
                                       min_candidates=bs.min_candidates,
-                                      escalation=bs.escalation, exact=exact)
+                                      escalation=bs.escalation, exact=exact, ties_by_row=True)
     return vals, idx
 
 
@@ -546,20 +562,49 @@ def _merge(v, ids, kk: int, tile: int):
     return top_v, top_i, (last > NEG_INF) & (last >= top_v[:, kk - 1, None])
 
 
+def _lowest_rows_at_ties(cand_v, cand_i, top_v, top_i):
+    """The top ``kk`` of candidates ``(f32[B, C], i32[B, C])`` in ``lax.top_k``'s order by
+    row, from ``(top_v, top_i) = lax.top_k`` over them in candidate order (``f32/i32[B,
+    kk]``): of the candidates tied at the kk-th value the lowest rows, and equal values by
+    ascending row. One more top-k over the candidates (rows tied at the kk-th value) and a
+    sort of the ``[B, kk]`` result."""
+    kk = top_v.shape[1]
+    key = order_key(cand_v)
+    kth = order_key(top_v[:, kk - 1:])
+    n_above = jnp.sum(order_key(top_v) > kth, axis=1, keepdims=True)       # kept as they are
+    _, tpos = lax.top_k(jnp.where(key == kth, -cand_i, jnp.iinfo(jnp.int32).min), kk)
+    tied = jnp.take_along_axis(cand_i, tpos, axis=1)                        # lowest rows first
+    r = jnp.arange(kk)[None, :]
+    rows = jnp.where(r < n_above, top_i,
+                     jnp.take_along_axis(tied, jnp.maximum(r - n_above, 0), axis=1))
+    vals = jnp.where(r < n_above, top_v, top_v[:, kk - 1:])
+    _, rows, vals = lax.sort((~order_key(vals), rows, vals), num_keys=2)
+    return vals, rows
+
+
 def exact_topk_from_tiles(run, *, k: int, batch: int, num_tiles: int, tile: int,
-                          min_candidates: int = 8, escalation: int = 8, exact: bool = True):
+                          min_candidates: int = 8, escalation: int = 8, exact: bool = True,
+                          ties_by_row: bool = False):
     """Exact top-k from a kernel that reports each tile's best ``m`` candidates.
 
     ``run(m) -> (f32[Bp, T, m], i32[Bp, T, m])``. Merges with ``lax.top_k``; if a tile is
     saturated (its m-th candidate reaches the k-th merged score) re-runs with a larger ``m``
-    inside ``lax.cond`` (see the module docstring for why this is exact).
+    inside ``lax.cond`` (see the module docstring for why this is exact). Equal scores come
+    in candidate order (tile, then rank in the tile), or with ``ties_by_row`` by ascending
+    row, the lowest rows kept at the k-th score (for tiles of interleaved rows); an
+    unsaturated tile's m candidates hold all its items at or above the k-th score, so the
+    choice is over every tied item.
     Returns ``(f32[batch, k], i32[batch, k])``, -inf / -1 padded.
     """
     kk = min(k, num_tiles * tile)
     ladder = _ladder(k, num_tiles, tile, min_candidates, escalation, exact)
 
     def attempt(level):
-        v, i, sat = _merge(*run(ladder[level]), kk, tile)
+        cand_v, cand_i = run(ladder[level])
+        v, i, sat = _merge(cand_v, cand_i, kk, tile)
+        if ties_by_row:
+            v, i = _lowest_rows_at_ties(cand_v.reshape(v.shape[0], -1),
+                                        cand_i.reshape(v.shape[0], -1), v, i)
         sat = jnp.any(sat[:batch])
         if level + 1 == len(ladder):
             return v, i

@@ -28,7 +28,8 @@ from jax.experimental import pallas as pl
 from pallas_kernels import native
 from pallas_kernels._ffi import native_cpu_primitive
 from pallas_kernels._select import pow2_floor, set_bit_positions, top_k
-from pallas_kernels.int8_topk import (NEG_INF, _pow2_ceil, dispatch, exact_topk_from_tiles,
+from pallas_kernels.int8_topk import (NEG_INF, NEG_INF_KEY, _pow2_ceil, dispatch,
+                                      exact_topk_from_tiles, key_value, order_key,
                                       gathered_row_dots, int8_row_dots, padded_dim,
                                       quantize_rows)
 
@@ -257,18 +258,21 @@ def _ivf_step(qc_ref, qs_ref, blk_ref, pm_ref, codes_ref, scale_ref, ov_ref, oi_
     flat = g_i * block + l_i
     col = lax.broadcasted_iota(jnp.int32, (m,), 0)
 
-    def round_(r, carry):            # one round of max-and-mask
-        s, vals, ids = carry
-        mx = _reduce2(jnp.max, s)
-        pos = _reduce2(jnp.min, jnp.where(s == mx, flat, group * block))
+    # one round of max-and-mask per candidate on total-order keys (order_key): the best
+    # item, the first in probe order among equal keys, +0.0 above -0.0
+    def round_(r, carry):
+        key, vals, ids = carry
+        mx = _reduce2(jnp.max, key)
+        pos = _reduce2(jnp.min, jnp.where(key == mx, flat, group * block))
         row = _reduce2(jnp.sum, jnp.where(flat == pos, rows, 0))
         vals = jnp.where(col == r, mx, vals)
-        ids = jnp.where(col == r, jnp.where(mx > NEG_INF, row, -1), ids)
-        return jnp.where(flat == pos, NEG_INF, s), vals, ids
+        ids = jnp.where(col == r, jnp.where(mx > NEG_INF_KEY, row, -1), ids)
+        return jnp.where(flat == pos, NEG_INF_KEY, key), vals, ids
 
-    _, vals, ids = lax.fori_loop(0, m, round_, (s, jnp.full((m,), NEG_INF, jnp.float32),
+    _, vals, ids = lax.fori_loop(0, m, round_, (order_key(s),
+                                                jnp.full((m,), NEG_INF_KEY, jnp.int32),
                                                 jnp.full((m,), -1, jnp.int32)))
-    ov_ref[...] = vals
+    ov_ref[...] = key_value(vals)
     oi_ref[...] = ids
 
 

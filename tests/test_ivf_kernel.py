@@ -11,7 +11,7 @@ from pallas_kernels.ivf_scan import (ivf_topk, ivf_topk_pallas, ivf_topk_referen
 from pallas_kernels.int8_topk import quantize_rows
 
 from ._cuda import lower_for_cuda
-from .test_int8_topk import ids_match
+from .test_int8_topk import edge_scores, ids_match
 
 
 def make(rng, b=3, nb=40, block=64, d=40, p=13, density=0.5):
@@ -62,6 +62,20 @@ def test_kernel_matches_twin_and_brute_force(rng, d, p, k, density):
     got = ivf_topk_pallas(q, codes, scale, blocks, pm, k=k, block=64, interpret=True)
     ids_match(got, tuple(map(np.asarray, want)))
     ids_match(got, brute(q, codes, scale, blocks, bits, k, 64))
+
+
+@pytest.mark.parametrize("kind", ["ties", "zeros"])
+@pytest.mark.parametrize("k", [5, 200])
+def test_kernel_equals_twin_bit_for_bit_on_ties_and_zeros(rng, kind, k):
+    """Probe order among equal scores, the first probed kept at the k-th score, +0.0 above
+    -0.0: the kernel's order is the twin's."""
+    q, codes, scale = map(jnp.asarray, edge_scores(rng, kind, 2, 40 * 64, 32))
+    blocks = unique_blocks(rng, 2, 40, 9)
+    bits = rng.random((2, 9, 64)) < 0.7
+    pm = jnp.asarray(np.packbits(bits, axis=-1, bitorder="little").view(np.uint32))
+    want = tuple(map(np.asarray, ivf_topk_reference(q, codes, scale, blocks, pm, k=k, block=64)))
+    ids_match(want, brute(q, codes, scale, blocks, bits, k, 64))
+    ids_match(ivf_topk_pallas(q, codes, scale, blocks, pm, k=k, block=64, interpret=True), want)
 
 
 def test_saturated_group_is_still_exact(rng):
