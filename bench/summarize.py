@@ -165,6 +165,10 @@ def server():
         for name, r in d["updates"].items():
             out.append(f"| {name.replace('_', ' ')} | {r['requests']} | {r['items_per_s']:,.0f}"
                        f" | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
+    if d.get("restart_load_warm_seconds") is not None:
+        out += ["", f"Start (load + warm-up): {d['load_warm_seconds']:.1f} s with an empty "
+                f"compilation cache, {d['restart_load_warm_seconds']:.1f} s on restart (graphs "
+                f"loaded from the cache, `--compilation-cache`)."]
     c = d.get("compaction")
     if c:
         out += ["", f"Compaction (`POST /v1/admin/compact`) of {c['updates_folded']} journaled "

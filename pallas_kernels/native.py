@@ -104,6 +104,13 @@ def _cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
+def cpu_tag() -> str:
+    """A short hash of this CPU's model and features: code compiled for the host CPU (this
+    library, XLA:CPU executables in a persistent cache) is kept apart per kind of CPU, so a
+    cache folder shared between machines never hands one another's code."""
+    return hashlib.sha256((_cpu_signature() + platform.machine()).encode()).hexdigest()[:12]
+
+
 def library_path(cxx: str) -> Path:
     """The cache path of the library built by compiler ``cxx`` for this source, jaxlib and CPU."""
     import jax

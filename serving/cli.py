@@ -42,6 +42,7 @@ def register(subparsers) -> None:
     q.add_argument("--include-seen", action="store_true",
                    help="also return items the user already interacted with")
     q.add_argument("--json", action="store_true", help="print JSON")
+    _cache_option(q)
     q.set_defaults(func=_query)
 
     e = subparsers.add_parser("export", help="jax.export artifacts of a bundle's graph",
@@ -88,6 +89,7 @@ def register(subparsers) -> None:
                    help="compact in the background once this fraction of the fresh index is "
                         "used (0: only POST /v1/admin/compact)")
     s.add_argument("--log-level", default="info")
+    _cache_option(s)
     s.set_defaults(func=_serve)
 
     c = subparsers.add_parser("compact", help="fold a bundle's journaled item updates into a "
@@ -101,6 +103,46 @@ def register(subparsers) -> None:
     c.set_defaults(func=_compact)
 
 
+def _cache_option(p) -> None:
+    p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="JAX's persistent compilation cache: graphs compiled once are loaded "
+                        "by later runs (a restart skips most of the warm-up). Default: "
+                        "$JAX_COMPILATION_CACHE_DIR if set, else a folder per kind of CPU "
+                        "in st_jax's cache (~/.cache/st_jax/xla-*); 'off' to compile "
+                        "everything afresh")
+
+
+def compilation_cache(arg: str | None) -> str | None:
+    """Turns on JAX's persistent compilation cache for this process (the ``--compilation-cache``
+    option); returns the folder used, or None when off.
+
+    ``arg`` None: ``$JAX_COMPILATION_CACHE_DIR`` when set (JAX already uses it), else an
+    ``xla-<cpu>`` folder of st_jax's cache (:func:`pallas_kernels.native.cache_dir`; one per
+    kind of CPU, :func:`~pallas_kernels.native.cpu_tag`: XLA:CPU code is compiled for the
+    host CPU); ``"off"``: none. Compilations from 0.1 s on are kept (JAX's default keeps
+    only those over 1 s: most of a served graph's filter and bucket variants are under it),
+    unless ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise. JAX keys the
+    entries by the program, the jax/jaxlib version and the device, so a stale entry is never
+    used; it writes them in place, and an entry a kill cut short is reported (a warning) and
+    compiled again. The folder may be deleted at any time; it grows with every new graph
+    (bound it with ``$JAX_COMPILATION_CACHE_MAX_SIZE``, bytes)."""
+    import os
+
+    import jax
+    from pallas_kernels.native import cache_dir, cpu_tag
+
+    if arg == "off":
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    path = (arg or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+            or str(cache_dir() / f"xla-{cpu_tag()}"))
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    return path
+
+
 def _publish(args) -> int:
     from serving._bundle import publish
     path = publish(args.model_dir, None, args.out, num_clusters=args.clusters,
@@ -112,6 +154,7 @@ def _publish(args) -> int:
 
 def _query(args) -> int:
     from serving._retriever import Retriever
+    compilation_cache(args.compilation_cache)
     r = Retriever.load(args.bundle, rank=args.rank)
     t = time.perf_counter()
     out = r.recommend(args.user, filter=args.filter, k=args.k, k0=args.k0,
@@ -171,6 +214,7 @@ def _serve(args) -> int:
     if args.fresh_capacity is not None:
         kw["fresh_capacity"] = args.fresh_capacity
     import jax
+    compilation_cache(args.compilation_cache)
     if args.shard:
         import numpy as np
         from jax.sharding import Mesh
