@@ -30,7 +30,7 @@ from serving._runner import Runner
 from st_jax._shard import shard_index, shard_live
 from st_jax._filter_lang import DEFAULT_STACK_DEPTH
 from st_jax._persist import index_from_flat
-from st_jax._search import check_max_nprobe
+from st_jax._search import check_max_nprobe, check_min_eligible_factor
 
 
 def _dot_key(path) -> str:
@@ -164,8 +164,8 @@ class Retriever(Runner):
             num_tasks=len(tasks), primary_task=0,
             num_hashes=fs.num_hashes if fs is not None else 1,
             stack_depth=DEFAULT_STACK_DEPTH, nprobe=int(nprobe) if nc else 0,
-            min_eligible_factor=float(min_eligible_factor), merge=merge, rank=rank,
-            backend=backend,
+            min_eligible_factor=check_min_eligible_factor(min_eligible_factor), merge=merge,
+            rank=rank, backend=backend,
             max_nprobe=check_max_nprobe(index.ivf, int(nprobe), max_nprobe) if nc else 0)
         users = None
         if m.get("users"):

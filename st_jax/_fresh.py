@@ -67,8 +67,9 @@ from st_jax._filter_index import (FIRST_EXACT_ROW, VALID_ROW, FilterIndex, Filte
 from st_jax._filter_lang import TERM_BLOOM, TERM_EXACT
 from st_jax._index import CACHE_DTYPES, Index, build_index
 from st_jax._quant import quantize_int8
-from st_jax._search import (_search_core, check_max_nprobe, check_options, check_queries,
-                            eligibility_words, filter_program, float_scores)
+from st_jax._search import (_search_core, check_max_nprobe, check_min_eligible_factor,
+                            check_options, check_queries, eligibility_words,
+                            empty_result, filter_program, float_scores)
 from st_jax._types import Int8Matrix, _static, pytree_dataclass
 
 __all__ = ["FreshIndex", "FreshVocab", "FreshSearchResult", "IndexFullError", "UnknownIdError",
@@ -893,10 +894,15 @@ def search_fresh(main: Index, fresh: FreshIndex, queries, k: int, allow=None, *,
     fprog = None if prog is None else compile_fresh_filter(fresh, filter, batch_size=b)
     allow, fresh_allow = (a if a is None or isinstance(a, jax.Array) else np.asarray(a)
                           for a in (allow, fresh_allow))
+    if b == 0:                  # no queries: empty results (allow still checked)
+        eligibility_words(main, allow, 0)
+        e = empty_result(main.ids, int(k))
+        return FreshSearchResult(ids=e.ids, scores=e.scores, count=e.count, path=e.path,
+                                 source=jnp.zeros((0, int(k)), jnp.int32))
     return _merged_core(main, fresh.store, q, allow, prog, fresh_allow, fprog, k=int(k),
                         nprobe=int(nprobe), rerank=int(rerank or 0),
-                        min_eligible_factor=float(min_eligible_factor), backend=backend,
-                        capacity=fresh.capacity,
+                        min_eligible_factor=check_min_eligible_factor(min_eligible_factor),
+                        backend=backend, capacity=fresh.capacity,
                         max_nprobe=check_max_nprobe(main.ivf, nprobe, max_nprobe))
 
 

@@ -57,7 +57,13 @@ _RATE_SAMPLE_WORDS = 256
 def _matches_everything(filter) -> bool:
     """True for ``*`` / empty / ``F.all()`` (shared or for every query): no mask needed.
     Syntax errors are left to ``compile_filter``, which reports them with the column."""
-    filters = [filter] if isinstance(filter, (str, Expr)) else list(filter)
+    if isinstance(filter, (str, Expr)):
+        filters = [filter]
+    elif isinstance(filter, (list, tuple)):
+        filters = list(filter)
+    else:
+        raise FilterError(f"filter must be a string, an st.F expression, or a list of them "
+                          f"(one per query); got {type(filter).__name__}")
     try:
         return bool(filters) and all(parse_filter(f) == Const(True) for f in filters)
     except FilterError:
@@ -198,7 +204,7 @@ def _int8_candidates(index: Index, q, mask, prog, *, k: int, kk: int, nprobe: in
     in_probe = psum(jnp.sum(lax.population_count(pm).astype(jnp.int32), axis=(1, 2)))
     probed = psum(jnp.sum(valid, axis=1, dtype=jnp.int32) * ivf.block)   # holes included
     total = psum(_popcount_rows(mask, b))
-    need = jnp.minimum(jnp.int32(int(np.ceil(min_eligible_factor * k))), total)
+    need = jnp.minimum(jnp.int32(min(int(np.ceil(min_eligible_factor * k)), 2**31 - 1)), total)
     # a probe at least half eligible is not starved: the filter then at most doubles
     # the depth the probe must cover, and the probe's width is what nprobe chose
     starved = (in_probe < need) & (2 * in_probe < probed)
@@ -300,17 +306,37 @@ def check_options(backend: str, k, ivf, nprobe, cache, rerank) -> int:
     else:
         c = ivf.num_clusters
         nprobe = min(32, c) if nprobe is None else nprobe
-        if not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= c:
+        if (isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer))
+                or not 1 <= nprobe <= c):
             raise ValueError(f"nprobe must be an int in [1, {c}] (the number of clusters); "
                              f"got {nprobe!r}")
     if rerank is not None:
         if cache is None:
             raise ValueError("rerank needs float embeddings in the index: "
                              "build_index(..., store_embeddings='bf16')")
-        if not isinstance(rerank, (int, np.integer)) or not 1 <= rerank or rerank * k > MAX_K:
+        if (isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer))
+                or not 1 <= rerank or rerank * k > MAX_K):
             raise ValueError(f"rerank must be an int >= 1 with rerank * k <= {MAX_K}; "
                              f"got {rerank!r}")
     return int(nprobe)
+
+
+def empty_result(ids, k: int) -> SearchResult:
+    """The :class:`SearchResult` of an empty batch (``[0, k]``; ``ids`` the index's id
+    array or None, for the ids' dtype)."""
+    return SearchResult(ids=jnp.zeros((0, k), jnp.int32 if ids is None else ids.dtype),
+                        scores=jnp.zeros((0, k), jnp.float32),
+                        count=jnp.zeros((0,), jnp.int32), path=jnp.zeros((0,), jnp.int32))
+
+
+def check_min_eligible_factor(factor) -> float:
+    """Validates ``min_eligible_factor`` (shared by the search entry points): a finite real
+    ``>= 0``; returns it as a float."""
+    if (isinstance(factor, bool) or not isinstance(factor, (int, float, np.integer, np.floating))
+            or not np.isfinite(factor) or factor < 0):
+        raise ValueError(f"min_eligible_factor must be a finite number >= 0 (0: a query is "
+                         f"never starved); got {factor!r}")
+    return float(factor)
 
 
 WIDEN_FACTOR = 4
@@ -409,8 +435,8 @@ def search(index: Index, queries, k: int, allow=None, *, filter=None,
       max_nprobe: how far a starved query may widen its probe (default ``min(4 * nprobe,
         C / 8)``, at least ``nprobe``; ``nprobe``: never). It takes the next clusters in
         centroid order until the probe holds ``need`` eligible items (``path == 3``) -- a
-        10 % filter at nprobe 8 then reads about 20 clusters instead of the whole index. The exact flat filtered
-        scan answers it instead (``path == 2``) when ``max_nprobe`` clusters are not enough,
+        10 % filter at nprobe 8 then reads about 20 clusters instead of the whole index. The
+        exact flat filtered scan answers it instead (``path == 2``) when ``max_nprobe`` clusters are not enough,
         when its probe passes the filter at under half the index's rate (a filter correlated
         with the clusters: widening would cover too few of the clusters holding its items;
         an attribute filter's index-wide rate is estimated on a fixed sample of 256 words),
@@ -438,7 +464,8 @@ def search(index: Index, queries, k: int, allow=None, *, filter=None,
     if allow is not None and not isinstance(allow, jax.Array):
         allow = np.asarray(allow)
     return _search_jit(index, q, allow, prog, k=int(k), nprobe=int(nprobe),
-                       rerank=int(rerank or 0), min_eligible_factor=float(min_eligible_factor),
+                       rerank=int(rerank or 0),
+                       min_eligible_factor=check_min_eligible_factor(min_eligible_factor),
                        backend=backend,
                        max_nprobe=check_max_nprobe(index.ivf, nprobe, max_nprobe))
 
@@ -452,6 +479,8 @@ def _search_jit(index: Index, q, allow, prog, *, k: int, nprobe: int, rerank: in
     running as separate eager ops (measured ~1 ms per call, ~5 ms with a ``bool[N]`` allow
     on a 1M-item IVF index). Shape errors in ``allow`` are raised while tracing."""
     mask = eligibility_words(index, allow, q.shape[0])
+    if q.shape[0] == 0:         # no queries: empty results (the scans need a batch)
+        return empty_result(index.ids, k)
     d_pad = index.items.codes.shape[1]
     q = jnp.pad(q, ((0, 0), (0, d_pad - index.dim)))
     scores, rows, path = _search_core(index, q, mask, prog, k=k, nprobe=nprobe, rerank=rerank,

@@ -225,6 +225,14 @@ def test_errors(cat, index):
         st.search(flat, cat.queries, 5, rerank=2)
     with pytest.raises(ValueError, match="nprobe must be"):
         st.search(index, cat.queries, 5, nprobe=0)
+    with pytest.raises(ValueError, match="nprobe must be"):
+        st.search(index, cat.queries, 5, nprobe=True)
+    with pytest.raises(ValueError, match="rerank must be"):
+        st.search(st.build_index(cat.embeddings[:100], store_embeddings="bf16"), cat.queries,
+                  5, rerank=True)
+    for bad in (float("inf"), float("nan"), -1.0, None, True, "16"):
+        with pytest.raises(ValueError, match="min_eligible_factor must be"):
+            st.search(index, cat.queries, 5, min_eligible_factor=bad)
     with pytest.raises(ValueError, match="max_nprobe must be"):
         st.search(index, cat.queries, 5, nprobe=4, max_nprobe=3)
     with pytest.raises(ValueError, match="max_nprobe must be"):

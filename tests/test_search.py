@@ -149,3 +149,23 @@ def test_bytes_per_item(small):
     _, index, _ = small
     # codes (40 padded to 64) + scale, rows padded to 3072
     assert index.bytes_per_item() == pytest.approx(3072 * (64 + 4) / 3000)
+
+
+def test_empty_batch_gives_empty_results(rng):
+    """B = 0: [0, k] results from every search entry point (flat, IVF, filtered, fresh,
+    sharded), and a wrong allow shape is still an error."""
+    x = clustered(rng, 600, 16)
+    attrs = {"g": [f"v{i % 5}" for i in range(600)]}
+    q0 = np.zeros((0, 16), np.float32)
+    for index in (st.build_index(x, attributes=attrs),
+                  st.build_index(x, attributes=attrs, num_clusters=4)):
+        for kw in ({}, {"filter": "g:v1"}, {"allow": np.zeros((0, 600), bool)}):
+            res = st.search(index, q0, 5, **kw)
+            assert res.ids.shape == res.scores.shape == (0, 5)
+            assert res.count.shape == res.path.shape == (0,)
+        with pytest.raises(ValueError, match="allow must be"):
+            st.search(index, q0, 5, allow=np.zeros((3, 600), bool))
+        res = st.fresh.search_fresh(index, st.fresh.create_fresh(index, 64), q0, 5)
+        assert res.ids.shape == res.source.shape == (0, 5)
+        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("items",))
+        assert st.sharded_search(st.shard_index(index, mesh), q0, 5).ids.shape == (0, 5)

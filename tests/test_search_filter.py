@@ -68,6 +68,9 @@ def test_filter_errors(indexes):
         st.search(flat, Q, 3, filter=["country:c0"] * (B + 1))
     with pytest.raises(ValueError, match="attributes"):
         st.search(st.build_index(EMB), Q, 3, filter="country:c0")
+    for bad in (3, 2.5, {"country:c0"}):
+        with pytest.raises(st.FilterError, match="a string, an st.F expression"):
+            st.search(flat, Q, 3, filter=bad)
 
 
 def test_match_everything_filters_skip_the_mask(indexes):
