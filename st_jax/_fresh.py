@@ -67,6 +67,7 @@ from st_jax._filter_index import (FIRST_EXACT_ROW, VALID_ROW, FilterIndex, Filte
 from st_jax._filter_lang import TERM_BLOOM, TERM_EXACT
 from st_jax._index import CACHE_DTYPES, Index, build_index
 from st_jax._quant import quantize_int8
+from st_jax import _compiled
 from st_jax._search import (_search_core, check_max_nprobe, check_min_eligible_factor,
                             check_options, check_queries, eligibility_words,
                             empty_result, filter_program, float_scores)
@@ -899,11 +900,11 @@ def search_fresh(main: Index, fresh: FreshIndex, queries, k: int, allow=None, *,
         e = empty_result(main.ids, int(k))
         return FreshSearchResult(ids=e.ids, scores=e.scores, count=e.count, path=e.path,
                                  source=jnp.zeros((0, int(k)), jnp.int32))
-    return _merged_core(main, fresh.store, q, allow, prog, fresh_allow, fprog, k=int(k),
-                        nprobe=int(nprobe), rerank=int(rerank or 0),
-                        min_eligible_factor=check_min_eligible_factor(min_eligible_factor),
-                        backend=backend, capacity=fresh.capacity,
-                        max_nprobe=check_max_nprobe(main.ivf, nprobe, max_nprobe))
+    return _compiled.call(_merged_core, main, fresh.store, q, allow, prog, fresh_allow, fprog,
+                          k=int(k), nprobe=int(nprobe), rerank=int(rerank or 0),
+                          min_eligible_factor=check_min_eligible_factor(min_eligible_factor),
+                          backend=backend, capacity=fresh.capacity,
+                          max_nprobe=check_max_nprobe(main.ivf, nprobe, max_nprobe))
 
 
 # ----------------------------------------------------------------------------- compaction

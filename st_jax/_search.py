@@ -13,6 +13,7 @@ from pallas_kernels.flat_scan import flat_topk
 from pallas_kernels.int8_topk import BACKENDS, MAX_K, NEG_INF, pack_mask
 from st_jax._filter_index import compile_filter, filter_mask
 from st_jax._filter_lang import Const, Expr, FilterError, parse_filter
+from st_jax import _compiled
 from st_jax._index import Index
 from pallas_kernels.ivf_scan import ivf_topk
 from st_jax._ivf import partial_mask, probe_list, probed_blocks
@@ -424,7 +425,10 @@ def search(index: Index, queries, k: int, allow=None, *, filter=None,
         kept by ``build_index(..., store_embeddings=...)``; scores are then exact.
       min_eligible_factor: an IVF query whose probed clusters hold fewer than
         ``need = min_eligible_factor * k`` eligible items (and fewer than the whole index
-        holds), and of which fewer than half are eligible, is *starved*. With pass rate p
+        holds under ``allow``; an attribute filter is not evaluated over the whole index, so
+        a probe holding all of a rare filter's items can still be starved and be answered by
+        the exact flat scan: the same results), and of which fewer than half are eligible,
+        is *starved*. With pass rate p
         the filtered top-k sit among the unfiltered top ``k / p``, which the probe covers
         only when it holds well over ``k`` eligible items; 16 keeps recall >= 0.95 on our
         benchmarks with a margin (0: never starved). Smaller widens fewer probes: on the 1M
@@ -436,8 +440,8 @@ def search(index: Index, queries, k: int, allow=None, *, filter=None,
         C / 8)``, at least ``nprobe``; ``nprobe``: never). It takes the next clusters in
         centroid order until the probe holds ``need`` eligible items (``path == 3``) -- a
         10 % filter at nprobe 8 then reads about 20 clusters instead of the whole index. The
-        exact flat filtered scan answers it instead (``path == 2``) when ``max_nprobe`` clusters are not enough,
-        when its probe passes the filter at under half the index's rate (a filter correlated
+        exact flat filtered scan answers it instead (``path == 2``) when ``max_nprobe``
+        clusters are not enough, when its probe passes the filter at under half the index's rate (a filter correlated
         with the clusters: widening would cover too few of the clusters holding its items;
         an attribute filter's index-wide rate is estimated on a fixed sample of 256 words),
         or when another starved query of the batch needs the flat scan (which then serves
@@ -463,11 +467,11 @@ def search(index: Index, queries, k: int, allow=None, *, filter=None,
     prog = filter_program(index.filters, filter, q.shape[0])
     if allow is not None and not isinstance(allow, jax.Array):
         allow = np.asarray(allow)
-    return _search_jit(index, q, allow, prog, k=int(k), nprobe=int(nprobe),
-                       rerank=int(rerank or 0),
-                       min_eligible_factor=check_min_eligible_factor(min_eligible_factor),
-                       backend=backend,
-                       max_nprobe=check_max_nprobe(index.ivf, nprobe, max_nprobe))
+    return _compiled.call(_search_jit, index, q, allow, prog, k=int(k), nprobe=int(nprobe),
+                          rerank=int(rerank or 0),
+                          min_eligible_factor=check_min_eligible_factor(min_eligible_factor),
+                          backend=backend,
+                          max_nprobe=check_max_nprobe(index.ivf, nprobe, max_nprobe))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "nprobe", "rerank", "min_eligible_factor",

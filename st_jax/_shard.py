@@ -65,6 +65,7 @@ from pallas_kernels.int8_topk import NEG_INF, pack_mask, padded_rows
 from st_jax._filter_index import FilterIndex, filter_mask, segment_positions
 from st_jax._index import Index
 from st_jax._ivf import IVF
+from st_jax import _compiled
 from st_jax._search import (_int8_candidates, check_max_nprobe, check_min_eligible_factor,
                             check_options, check_queries, empty_result,
                             exclusion_words, filter_program, float_scores)
@@ -499,8 +500,9 @@ def sharded_search(sidx: ShardedIndex, queries, k: int, allow=None, *, filter=No
     if b == 0:                  # no queries: empty results
         return empty_result(sidx.row_ids, int(k))
     q = jnp.pad(q, ((0, 0), (0, sidx.codes.shape[1] - sidx.dim)))
-    scores, ids, _, path, _ = _sharded_core(
-        sidx, q, mask, prog, None, k=int(k), nprobe=int(nprobe), rerank=int(rerank or 0),
+    scores, ids, _, path, _ = _compiled.call(
+        _sharded_core, sidx, q, mask, prog, None, k=int(k), nprobe=int(nprobe),
+        rerank=int(rerank or 0),
         min_eligible_factor=check_min_eligible_factor(min_eligible_factor), backend=backend,
         max_nprobe=max_nprobe)
     return SearchResult(ids=ids, scores=scores, count=jnp.sum(ids >= 0, axis=1, dtype=jnp.int32),
