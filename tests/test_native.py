@@ -98,8 +98,7 @@ def edge_case(rng, kind, b, d):
 @needs_compiler
 @pytest.mark.parametrize("kind,b,d", [
     ("signed_zero", 1, 4), ("signed_zero", 6, 64), ("overflow", 1, 8), ("overflow", 5, 128),
-    ("integer_queries", 1, 256), ("integer_queries", 4, 128), ("ties", 1, 64),
-    ("ties", 9, 64), ("sparse_ties", 5, 64),
+    ("integer_queries", 1, 256), ("ties", 9, 64), ("sparse_ties", 5, 64),
 ])
 def test_native_and_twins_agree_bit_for_bit_on_edge_scores(rng, kind, b, d):
     """Native kernels, XLA twins and brute force return the same float bits, rows and order
