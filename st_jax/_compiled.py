@@ -43,14 +43,17 @@ def map_count() -> int:
 def call(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` for a ``jax.jit`` function ``fn``; afterwards, if it compiled
     and the process is near its memory-mapping limit, clears ``fn``'s compiled graphs."""
-    before = fn._cache_size()
+    size = getattr(fn, "_cache_size", None)     # (jax.jit's; absent: no guard)
+    if size is None:
+        return fn(*args, **kwargs)
+    before = size()
     out = fn(*args, **kwargs)
-    if fn._cache_size() > before:
+    if size() > before:
         limit = map_limit()
         if limit:
             n = map_count()
             if n > LIMIT_FRACTION * limit:
-                graphs = fn._cache_size()
+                graphs = size()
                 fn.clear_cache()
                 warnings.warn(
                     f"st_jax: this process holds {n:,} memory mappings, over "
