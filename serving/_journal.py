@@ -29,6 +29,7 @@ depend on the tower running bit-identically again, and the attributes and titles
 """
 from __future__ import annotations
 
+import atexit
 import base64
 import fcntl
 import json
@@ -200,8 +201,28 @@ class Writer:
             return seq
 
 
+    def close(self) -> None:
+        """Closes the segment and releases ``journal/LOCK`` (a later append opens them
+        again). Called for every writer at interpreter exit."""
+        with self._mutex:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)             # (closing the fd releases the flock)
+                self._lock_fd = None
+            self._next = None
+
+
 _WRITERS: dict[str, Writer] = {}
 _WRITERS_LOCK = threading.Lock()
+
+
+@atexit.register
+def _close_writers() -> None:
+    with _WRITERS_LOCK:
+        for w in _WRITERS.values():
+            w.close()
 
 
 def writer(root: str) -> Writer:

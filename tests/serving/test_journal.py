@@ -18,6 +18,7 @@ def test_records_roundtrip_torn_tail_and_corruption(tmp_path):
     assert [w.append({"op": "delete", "ids": [i]}) for i in range(3)] == [1, 2, 3]
     assert [r["ids"] for r in journal.read_records(root)] == [[0], [1], [2]]
     assert [r["seq"] for r in journal.read_records(root, after=2)] == [3]
+    w.close()
     (seg,) = [p for _, p in journal._segments(root)]
     with open(seg, "ab") as f:                  # a crash while writing record 4
         f.write(b'0badc0de {"seq": 4, "op": "del')
@@ -37,7 +38,8 @@ def test_one_writer_per_bundle_and_segments(tmp_path):
     w.append({"op": "delete", "ids": [1]})
     with pytest.raises(journal.JournalError, match="another process"):
         journal.Writer(root).append({"op": "delete", "ids": [2]})
-    os.close(w._lock_fd)                          # the first writer goes away
+    w.close()                                     # the first writer goes away
+    assert w._file is None and w._lock_fd is None
     w2 = journal.Writer(root)
     assert w2.append({"op": "delete", "ids": [2]}) == 2               # a new segment
     assert [f for f, _ in journal._segments(root)] == [1, 2]
@@ -46,6 +48,10 @@ def test_one_writer_per_bundle_and_segments(tmp_path):
     journal.collect(root, keep_from=5)            # the newest segment always stays
     assert [r["seq"] for r in journal.read_records(root)] == [2]
     assert journal.writer(root) is journal.writer(os.path.join(root, "."))
+    w2.close()                                    # closed: a later append reopens
+    assert w2.append({"op": "delete", "ids": [3]}) == 3
+    assert [f for f, _ in journal._segments(root)] == [2, 3]
+    w2.close()
 
 
 # ----------------------------------------------------------------------------- in serving

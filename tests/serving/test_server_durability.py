@@ -140,6 +140,8 @@ def _start(args) -> tuple[subprocess.Popen, str]:
             pass
         time.sleep(0.5)
     proc.kill()
+    proc.wait(timeout=30)
+    proc.stderr.close()
     raise AssertionError("server did not become ready")
 
 
@@ -156,6 +158,8 @@ def test_server_killed_during_compaction_restarts_on_the_previous_version(bundle
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=30)
+        proc.stderr.close()
     assert serving.read_bundle(bundle).path.endswith("v000001")     # CURRENT never switched
     proc, url = _start(["-m", "st_jax.cli", "serve", bundle, "--buckets", "8",
                         "--max-batch", "8", "--poll-s", "0", "--fresh-capacity", "64",
@@ -173,6 +177,8 @@ def test_server_killed_during_compaction_restarts_on_the_previous_version(bundle
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(timeout=30)
+        proc.stderr.close()
     versions = sorted(os.listdir(os.path.join(bundle, "versions")))
     assert versions == ["v000001", "v000002"], versions          # no temporary left over
 
