@@ -1,6 +1,7 @@
 """Bundles: atomic publish (survives a kill), verified loading (skew, tampering), catalogue
 validation."""
 import json
+from pathlib import Path
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from serving._store import canonical_json, content_hash, current_version, load_a
 
 def test_bundle_layout_and_manifest(flat_bundle, tiny_model):
     vdir = current_version(flat_bundle)
-    m = json.load(open(os.path.join(vdir, "manifest.json")))
+    m = json.loads(Path(os.path.join(vdir, "manifest.json")).read_text())
     assert m["format"] == "st_jax.bundle"
     assert m["index"]["built_with"] == m["model"]["fingerprint"] == \
         serving.model_fingerprint(tiny_model)
@@ -29,10 +30,10 @@ def test_bundle_layout_and_manifest(flat_bundle, tiny_model):
 def _resign(vdir, manifest):
     """Rewrites a manifest with a *valid* content hash (what a buggy deploy tool would do)."""
     arrays = load_arrays(os.path.join(vdir, "arrays"), manifest["arrays"])
-    catalogue = open(os.path.join(vdir, "catalogue.json"), "rb").read()
+    catalogue = Path(os.path.join(vdir, "catalogue.json")).read_bytes()
     manifest.pop("content_hash", None)
     manifest["content_hash"] = content_hash(arrays, canonical_json(manifest), catalogue)
-    json.dump(manifest, open(os.path.join(vdir, "manifest.json"), "w"))
+    Path(os.path.join(vdir, "manifest.json")).write_text(json.dumps(manifest))
 
 
 def test_version_skew_is_refused(tmp_path, tiny_model, flat_bundle):
@@ -45,7 +46,7 @@ def test_version_skew_is_refused(tmp_path, tiny_model, flat_bundle):
     b2 = str(tmp_path / "b2")
     serving.publish(other, None, b2, num_clusters=0)
     vdir = current_version(b2)
-    m = json.load(open(os.path.join(vdir, "manifest.json")))
+    m = json.loads(Path(os.path.join(vdir, "manifest.json")).read_text())
     m["index"]["built_with"] = serving.model_fingerprint(tiny_model)
     _resign(vdir, m)
     with pytest.raises(serving.SkewError, match="version skew"):
@@ -60,16 +61,16 @@ def _copy_bundle(src, dst):
 
 def test_tampered_files_are_refused(tmp_path, flat_bundle):
     vdir = _copy_bundle(flat_bundle, tmp_path / "t1")
-    m = json.load(open(os.path.join(vdir, "manifest.json")))
+    m = json.loads(Path(os.path.join(vdir, "manifest.json")).read_text())
     m["serving"]["k0"] = 999
-    json.dump(m, open(os.path.join(vdir, "manifest.json"), "w"))
+    Path(os.path.join(vdir, "manifest.json")).write_text(json.dumps(m))
     with pytest.raises(serving.TamperedError, match="content hash"):
         serving.Retriever.load(str(tmp_path / "t1"))
 
     vdir = _copy_bundle(flat_bundle, tmp_path / "t2")
-    cat = json.load(open(os.path.join(vdir, "catalogue.json")))
+    cat = json.loads(Path(os.path.join(vdir, "catalogue.json")).read_text())
     cat["titles"] = ["x"] * 3
-    json.dump(cat, open(os.path.join(vdir, "catalogue.json"), "w"))
+    Path(os.path.join(vdir, "catalogue.json")).write_text(json.dumps(cat))
     with pytest.raises(serving.TamperedError):
         serving.read_bundle(str(tmp_path / "t2"))
 
@@ -79,10 +80,10 @@ def test_tampered_files_are_refused(tmp_path, flat_bundle):
               for f in fs if os.path.basename(d) == "d"]
     assert chunks
     for path in chunks:
-        data = bytearray(open(path, "rb").read())
+        data = bytearray(Path(path).read_bytes())
         mid = len(data) // 2
         data[mid:mid + 8] = bytes(255 - x for x in data[mid:mid + 8])
-        open(path, "wb").write(bytes(data))
+        Path(path).write_bytes(bytes(data))
     with pytest.raises(serving.StoreError):
         serving.read_bundle(str(tmp_path / "t3"))
 

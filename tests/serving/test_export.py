@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,8 +83,8 @@ def test_tampered_export_is_refused(tmp_path, flat_retriever):
     flat_retriever.export(out, platform="cpu", batch_sizes=(1,), k=5)
     vdir = serving._store.current_version(out)
     g = os.path.join(vdir, "graphs", "b1.jaxexport")
-    data = bytearray(open(g, "rb").read())
+    data = bytearray(Path(g).read_bytes())
     data[-10] ^= 0xFF
-    open(g, "wb").write(bytes(data))
+    Path(g).write_bytes(bytes(data))
     with pytest.raises(serving.TamperedError):
         serving.load_exported(out)

@@ -24,7 +24,8 @@ def test_train_then_eval_json(tmp_path, capsys):
     rc, cap = _run(["eval", out, "--json"], capsys)
     metrics = json.loads(cap.out)
     assert rc == 0 and metrics["summary"] == pytest.approx(summary)
-    assert json.load(open(f"{out}/config.json"))["steps"] == 20
+    with open(f"{out}/config.json") as f:
+        assert json.load(f)["steps"] == 20
     assert {"popularity", "two_tower", "two_tower+overarch", "heads"} <= set(metrics)
     rc, cap = _run(["eval", out], capsys)
     assert "popularity" in cap.out and "R@20" in cap.out

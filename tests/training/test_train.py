@@ -23,7 +23,8 @@ def _assert_same_params(a, b):
 
 def test_training_reduces_loss_and_writes_artifacts(tiny_run):
     model, out = tiny_run
-    log = json.load(open(os.path.join(out, "train_log.json")))["history"]
+    with open(os.path.join(out, "train_log.json")) as f:
+        log = json.load(f)["history"]
     tt = [h["loss"] for h in log if h["phase"] == "two_tower"]
     oa = [h["loss"] for h in log if h["phase"] == "overarch"]
     assert tt[-1] < tt[0] and oa[-1] < oa[0]
