@@ -65,12 +65,25 @@ def set_bit_positions(words: jax.Array, cap: int) -> jax.Array:
     return wi * 32 + bit
 
 
-def ordered_keys(x: jax.Array) -> jax.Array:
-    """``f32[...] -> u32[...]`` keys in the order of the values (-0.0 below +0.0, the total
-    order XLA's TopK uses), so that sorting keys sorts values."""
+def order_key(x: jax.Array) -> jax.Array:
+    """``f32[...] -> i32[...]``: keys in ``lax.top_k``'s total order of the values (+0.0
+    above -0.0, where a float max may return either zero); :func:`key_value` inverts it.
+    The kernels select on these keys, so every implementation orders scores alike."""
     i = lax.bitcast_convert_type(x, jnp.int32)
-    i = i ^ ((i >> 31) & jnp.int32(0x7FFFFFFF))
-    return lax.bitcast_convert_type(i, jnp.uint32) ^ jnp.uint32(0x80000000)
+    return i ^ ((i >> 31) & jnp.int32(0x7FFFFFFF))   # negative floats: reverse their order
+
+
+def key_value(key: jax.Array) -> jax.Array:
+    """The inverse of :func:`order_key`."""
+    return lax.bitcast_convert_type(key ^ ((key >> 31) & jnp.int32(0x7FFFFFFF)), jnp.float32)
+
+
+NEG_INF_KEY = -2139095041   # order_key(-inf): 0xFF800000 with its low 31 bits flipped
+
+
+def ordered_keys(x: jax.Array) -> jax.Array:
+    """``f32[...] -> u32[...]``: :func:`order_key` as unsigned keys (the same order)."""
+    return lax.bitcast_convert_type(order_key(x), jnp.uint32) ^ jnp.uint32(0x80000000)
 
 
 _THRESHOLDS = 8       # candidate thresholds per row, ``_plan``'s ``step`` sample ranks apart

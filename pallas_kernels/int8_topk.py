@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._select import pack_mask, top_k
+from pallas_kernels._select import NEG_INF_KEY, key_value, order_key, pack_mask, top_k
 
 NEG_INF = float("-inf")
 MAX_K = 1 << 16
@@ -273,22 +273,6 @@ def int8_topk_reference(q, codes, scale, mask=None, *, k: int, num_valid: int | 
     qc, qs = quantize_rows(q)
     return reference_scan(qc, qs, codes, scale, mask, k=k, num_valid=num_valid, chunk=chunk,
                           fanout=fanout)
-
-
-def order_key(x: jax.Array) -> jax.Array:
-    """``f32[...] -> i32[...]``: keys in ``lax.top_k``'s total order of the values (+0.0
-    above -0.0, where a float max may return either zero); :func:`key_value` inverts it.
-    Kernels select on these keys, so every implementation orders scores alike."""
-    i = lax.bitcast_convert_type(x, jnp.int32)
-    return i ^ ((i >> 31) & jnp.int32(0x7FFFFFFF))   # negative floats: reverse their order
-
-
-def key_value(key: jax.Array) -> jax.Array:
-    """The inverse of :func:`order_key`."""
-    return lax.bitcast_convert_type(key ^ ((key >> 31) & jnp.int32(0x7FFFFFFF)), jnp.float32)
-
-
-NEG_INF_KEY = -2139095041   # order_key(-inf): 0xFF800000 with its low 31 bits flipped
 
 
 def _total_order_max(x: jax.Array) -> jax.Array:

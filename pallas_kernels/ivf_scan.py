@@ -27,9 +27,9 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import native
 from pallas_kernels._ffi import native_cpu_primitive
-from pallas_kernels._select import pow2_floor, set_bit_positions, top_k
-from pallas_kernels.int8_topk import (NEG_INF, NEG_INF_KEY, _pow2_ceil, dispatch,
-                                      exact_topk_from_tiles, key_value, order_key,
+from pallas_kernels._select import (NEG_INF_KEY, key_value, order_key, pow2_floor,
+                                    set_bit_positions, top_k)
+from pallas_kernels.int8_topk import (NEG_INF, _pow2_ceil, dispatch, exact_topk_from_tiles,
                                       gathered_row_dots, int8_row_dots, padded_dim,
                                       quantize_rows)
 

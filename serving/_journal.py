@@ -200,7 +200,6 @@ class Writer:
             self._next = seq + 1
             return seq
 
-
     def close(self) -> None:
         """Closes the segment and releases ``journal/LOCK`` (a later append opens them
         again). Called for every writer at interpreter exit."""

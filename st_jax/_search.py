@@ -428,22 +428,22 @@ def search(index: Index, queries, k: int, allow=None, *, filter=None,
         holds under ``allow``; an attribute filter is not evaluated over the whole index, so
         a probe holding all of a rare filter's items can still be starved and be answered by
         the exact flat scan: the same results), and of which fewer than half are eligible,
-        is *starved*. With pass rate p
-        the filtered top-k sit among the unfiltered top ``k / p``, which the probe covers
-        only when it holds well over ``k`` eligible items; 16 keeps recall >= 0.95 on our
-        benchmarks with a margin (0: never starved). Smaller widens fewer probes: on the 1M
-        benchmark with a 10 % filter at k = 100, nprobe 7-10, 16 gives recall 0.981, 8
-        0.952-0.967 and 4 0.951-0.967, at about 2x the speed of 16 for 4. A probe at
-        least half eligible (no filter, or a weak one) is never starved: its recall is set
-        by ``nprobe``.
+        is *starved*. With pass rate p the filtered top-k sit among the unfiltered top
+        ``k / p``, which the probe covers only when it holds well over ``k`` eligible items;
+        16 keeps recall >= 0.95 on our benchmarks with a margin (0: never starved). Smaller
+        widens fewer probes: on the 1M benchmark with a 10 % filter at k = 100, nprobe
+        7-10, 16 gives recall 0.981, 8 0.952-0.967 and 4 0.951-0.967, at about 2x the
+        speed of 16 for 4. A probe at least half eligible (no filter, or a weak one) is
+        never starved: its recall is set by ``nprobe``.
       max_nprobe: how far a starved query may widen its probe (default ``min(4 * nprobe,
         C / 8)``, at least ``nprobe``; ``nprobe``: never). It takes the next clusters in
         centroid order until the probe holds ``need`` eligible items (``path == 3``) -- a
         10 % filter at nprobe 8 then reads about 20 clusters instead of the whole index. The
         exact flat filtered scan answers it instead (``path == 2``) when ``max_nprobe``
-        clusters are not enough, when its probe passes the filter at under half the index's rate (a filter correlated
-        with the clusters: widening would cover too few of the clusters holding its items;
-        an attribute filter's index-wide rate is estimated on a fixed sample of 256 words),
+        clusters are not enough, when its probe passes the filter at under half the index's
+        rate (a filter correlated with the clusters: widening would cover too few of the
+        clusters holding its items; an attribute filter's index-wide rate is estimated on a
+        fixed sample of 256 words),
         or when another starved query of the batch needs the flat scan (which then serves
         every starved query, exactly).
       backend: ``"auto"`` (Pallas kernels on GPU; on CPU the native C++ scans where they
