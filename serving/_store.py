@@ -4,7 +4,9 @@ Layout of a store root (a bundle or an export)::
 
     ROOT/CURRENT                 {"version": "v000002"}  (replaced atomically)
     ROOT/versions/v000001/...    the previous version (kept for roll-back)
-    ROOT/versions/v000002/...    the live version: manifest.json, arrays/ (Orbax), extra files
+    ROOT/versions/v000002/...    the live version: manifest.json, arrays/ (Orbax),
+                                 arrays.files.json (size + sha256 of every file in arrays/),
+                                 extra files
 
 A writer fills ``versions/.tmp-<random>/``, fsyncs it, renames it to its version name and
 only then switches ``CURRENT`` (one ``os.replace``). A crash at any point leaves the previous
@@ -18,6 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -35,7 +38,7 @@ class StoreError(RuntimeError):
 
 
 class TamperedError(StoreError):
-    """Stored content does not match its recorded content hash."""
+    """Stored content does not match what was written (its file record or content hash)."""
 
 
 def current_version(root: str) -> str:
@@ -138,9 +141,63 @@ def content_hash(arrays: Mapping[str, np.ndarray], *blobs: bytes) -> str:
     return h.hexdigest()
 
 
+FILES_SUFFIX = ".files.json"    # beside an arrays directory: its files' sizes and sha256
+
+
+def _files_under(root: str) -> list[str]:
+    """Relative paths (``/``-separated, sorted) of the regular files under ``root``."""
+    out = []
+    for d, _, names in os.walk(root):
+        rel = os.path.relpath(d, root)
+        out += [n if rel == "." else f"{rel}/{n}".replace(os.sep, "/") for n in names]
+    return sorted(out)
+
+
+def _sha256_file(path: str) -> tuple[int, str]:
+    with open(path, "rb") as f:
+        return os.fstat(f.fileno()).st_size, hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _hash_files(root: str, rels: list[str]) -> list[tuple[int, str]]:
+    """``(size, sha256 hex)`` of each file, hashed on a few threads (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        return list(pool.map(lambda r: _sha256_file(os.path.join(root, r)), rels))
+
+
+def file_digests(root: str) -> dict[str, list]:
+    """``{relative path: [size, sha256 hex]}`` of every file under ``root``."""
+    rels = _files_under(root)
+    return {r: [size, h] for r, (size, h) in zip(rels, _hash_files(root, rels))}
+
+
+def check_files(root: str, stated: Mapping[str, list]) -> None:
+    """Checks the files under ``root`` against :func:`file_digests`' record ``stated``.
+
+    Raises:
+      TamperedError: a file is missing, unexpected, or has another size or content.
+    """
+    have = _files_under(root)
+    missing = sorted(set(stated) - set(have))
+    extra = sorted(set(have) - set(stated))
+    changed = [r for r in have if r in stated and os.path.getsize(os.path.join(root, r))
+               != int(stated[r][0])]
+    if not (missing or extra or changed):
+        same_size = [r for r in have if r in stated]
+        changed = [r for r, (_, h) in zip(same_size, _hash_files(root, same_size))
+                   if h != stated[r][1]]
+    if missing or extra or changed:
+        what = "; ".join(f"{name}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
+                         for name, v in (("missing", missing), ("unexpected", extra),
+                                         ("changed", changed)) if v)
+        raise TamperedError(f"the files in {root!r} are not the ones written ({what}): they "
+                            "were modified, truncated or lost after writing; republish (or "
+                            "restore this version directory from a copy)")
+
+
 def save_arrays(path: str, arrays: Mapping[str, np.ndarray]) -> None:
     """Saves a flat ``{key: array}`` with Orbax (zero-size arrays, which Orbax refuses, are
-    rebuilt from the manifest's table by :func:`load_arrays`)."""
+    rebuilt from the manifest's table by :func:`load_arrays`), then records the size and
+    sha256 of every file Orbax wrote in ``path + FILES_SUFFIX``."""
     tree = {k: np.asarray(v) for k, v in arrays.items() if np.asarray(v).size}
     ckptr = ocp.StandardCheckpointer()
     try:
@@ -148,14 +205,32 @@ def save_arrays(path: str, arrays: Mapping[str, np.ndarray]) -> None:
         ckptr.wait_until_finished()
     finally:
         ckptr.close()
+    write_json_atomic(path.rstrip("/" + os.sep) + FILES_SUFFIX,
+                      {"sha256": file_digests(path)})
 
 
 def load_arrays(path: str, table: Mapping[str, list]) -> dict[str, np.ndarray]:
     """Restores arrays saved by :func:`save_arrays` and checks them against ``table``.
 
+    The files are first checked against the record :func:`save_arrays` wrote (when there is
+    one: stores written before it was kept load without), so damaged files are reported by
+    name and never handed to Orbax.
+
     Raises:
+      TamperedError: a file differs from what was written.
       StoreError: an array is missing, unexpected, or has another shape or dtype.
     """
+    record = path.rstrip("/" + os.sep) + FILES_SUFFIX
+    if os.path.exists(record):
+        try:
+            with open(record) as f:
+                stated = json.load(f)["sha256"]
+            if not isinstance(stated, dict):
+                raise TypeError(f"'sha256' is a {type(stated).__name__}")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TamperedError(f"{record!r} is unreadable ({e}); republish (or restore "
+                                "this version directory from a copy)") from None
+        check_files(path, stated)
     ckptr = ocp.StandardCheckpointer()
     try:
         got = dict(ckptr.restore(os.path.abspath(path)))

@@ -74,7 +74,8 @@ def test_tampered_files_are_refused(tmp_path, flat_bundle):
     with pytest.raises(serving.TamperedError):
         serving.read_bundle(str(tmp_path / "t2"))
 
-    # flip bytes in the middle of every Orbax data chunk: unreadable or hash mismatch
+    # flip bytes in the middle of every Orbax data chunk: refused by name before Orbax
+    # reads anything (Orbax itself fails with DATA_LOSS and leaves reads in flight)
     vdir = _copy_bundle(flat_bundle, tmp_path / "t3")
     chunks = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(vdir, "arrays"))
               for f in fs if os.path.basename(d) == "d"]
@@ -84,8 +85,32 @@ def test_tampered_files_are_refused(tmp_path, flat_bundle):
         mid = len(data) // 2
         data[mid:mid + 8] = bytes(255 - x for x in data[mid:mid + 8])
         Path(path).write_bytes(bytes(data))
-    with pytest.raises(serving.StoreError):
+    name = min(os.path.relpath(c, os.path.join(vdir, "arrays")).replace(os.sep, "/")
+               for c in chunks)                        # the first one the error names
+    with pytest.raises(serving.TamperedError, match=f"changed: {name}"):
         serving.read_bundle(str(tmp_path / "t3"))
+    # a lost file, a truncated one, an unexpected one, an unreadable record
+    for case in ("missing", "truncated", "unexpected", "record"):
+        vdir = _copy_bundle(flat_bundle, tmp_path / case)
+        arrays = os.path.join(vdir, "arrays")
+        victim = os.path.join(arrays, "_METADATA")
+        if case == "missing":
+            os.remove(victim)
+        elif case == "truncated":
+            Path(victim).write_bytes(Path(victim).read_bytes()[:-1])
+        elif case == "unexpected":
+            Path(arrays, "d", "extra").write_bytes(b"x")
+        else:
+            Path(vdir, "arrays.files.json").write_text("{")
+        with pytest.raises(serving.TamperedError, match={
+                "missing": "missing: _METADATA", "truncated": "changed: _METADATA",
+                "unexpected": "unexpected: d/extra", "record": "unreadable"}[case]):
+            serving.Retriever.load(str(tmp_path / case))
+    # a store written before the record existed still loads (Orbax and the content hash check)
+    vdir = _copy_bundle(flat_bundle, tmp_path / "old")
+    os.remove(os.path.join(vdir, "arrays.files.json"))
+    assert serving.read_bundle(str(tmp_path / "old")).manifest == \
+        serving.read_bundle(flat_bundle).manifest
 
 
 def test_not_a_bundle(tmp_path, tiny_model):

@@ -88,3 +88,10 @@ def test_tampered_export_is_refused(tmp_path, flat_retriever):
     Path(g).write_bytes(bytes(data))
     with pytest.raises(serving.TamperedError):
         serving.load_exported(out)
+    # its arrays carry the same file record as a bundle's
+    Path(g).write_bytes(bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:]))
+    serving.load_exported(out)                                   # restored: loads
+    meta = os.path.join(vdir, "arrays", "_METADATA")
+    Path(meta).write_bytes(Path(meta).read_bytes() + b" ")
+    with pytest.raises(serving.TamperedError, match="changed: _METADATA"):
+        serving.load_exported(out)
