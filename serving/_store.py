@@ -225,8 +225,10 @@ def load_arrays(path: str, table: Mapping[str, list]) -> dict[str, np.ndarray]:
         try:
             with open(record) as f:
                 stated = json.load(f)["sha256"]
-            if not isinstance(stated, dict):
-                raise TypeError(f"'sha256' is a {type(stated).__name__}")
+            if not isinstance(stated, dict) or not all(
+                    isinstance(v, list) and len(v) == 2 and isinstance(v[0], int)
+                    and isinstance(v[1], str) for v in stated.values()):
+                raise TypeError("'sha256' is not a {path: [size, sha256 hex]} table")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise TamperedError(f"{record!r} is unreadable ({e}); republish (or restore "
                                 "this version directory from a copy)") from None

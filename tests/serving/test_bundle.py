@@ -89,8 +89,8 @@ def test_tampered_files_are_refused(tmp_path, flat_bundle):
                for c in chunks)                        # the first one the error names
     with pytest.raises(serving.TamperedError, match=f"changed: {name}"):
         serving.read_bundle(str(tmp_path / "t3"))
-    # a lost file, a truncated one, an unexpected one, an unreadable record
-    for case in ("missing", "truncated", "unexpected", "record"):
+    # a lost file, a truncated one, an unexpected one, an unreadable or malformed record
+    for case in ("missing", "truncated", "unexpected", "record", "entry"):
         vdir = _copy_bundle(flat_bundle, tmp_path / case)
         arrays = os.path.join(vdir, "arrays")
         victim = os.path.join(arrays, "_METADATA")
@@ -100,11 +100,14 @@ def test_tampered_files_are_refused(tmp_path, flat_bundle):
             Path(victim).write_bytes(Path(victim).read_bytes()[:-1])
         elif case == "unexpected":
             Path(arrays, "d", "extra").write_bytes(b"x")
-        else:
+        elif case == "record":
             Path(vdir, "arrays.files.json").write_text("{")
+        else:
+            Path(vdir, "arrays.files.json").write_text('{"sha256": {"_METADATA": 3}}')
         with pytest.raises(serving.TamperedError, match={
                 "missing": "missing: _METADATA", "truncated": "changed: _METADATA",
-                "unexpected": "unexpected: d/extra", "record": "unreadable"}[case]):
+                "unexpected": "unexpected: d/extra", "record": "unreadable",
+                "entry": "unreadable"}[case]):
             serving.Retriever.load(str(tmp_path / case))
     # a store written before the record existed still loads (Orbax and the content hash check)
     vdir = _copy_bundle(flat_bundle, tmp_path / "old")
