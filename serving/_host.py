@@ -215,10 +215,13 @@ class HostSide:
         """Normalises ``filter`` to a list of B filters, or None when nothing is filtered."""
         if filter is None or isinstance(filter, (str, Expr)):
             fl = [filter] * b
-        else:
+        elif isinstance(filter, (list, tuple, np.ndarray)):
             fl = list(filter)
             if len(fl) != b:
                 raise RequestError(f"got {len(fl)} filters for {b} users")
+        else:
+            raise FilterError("filter must be a str, an F expression, None, or a list of them "
+                              f"(one per user); got {type(filter).__name__}")
         if all(f is None or _matches_everything(f) for f in fl):
             return None
         if self.filter_schema is None:

@@ -245,10 +245,37 @@ def unpack_embeddings(obj: Mapping) -> np.ndarray:
     return np.frombuffer(base64.b64decode(obj["f32"]), np.float32).reshape(obj["shape"]).copy()
 
 
+def _plain_value(v):
+    """One item's attribute value, JSON-able: a set becomes a sorted list (its order is
+    irrelevant to filtering; sorted, so a replay rebuilds the same index)."""
+    if isinstance(v, (set, frozenset)):
+        try:
+            return sorted(v)
+        except TypeError:                  # mixed or unorderable: validated (and refused) later
+            return list(v)
+    return v
+
+
 def plain_attributes(attributes) -> dict | None:
-    """``{field: values}`` with numpy values made JSON-able (lists of str/int)."""
+    """``{field: values}`` with numpy values and sets made JSON-able (lists of str/int).
+
+    Raises:
+      ValueError: a value JSON cannot hold (the filter index takes str or int values, or
+        lists / sets of them), naming the field and the item.
+    """
     if attributes is None:
         return None
-    return {str(f): json.loads(json.dumps(v if isinstance(v, np.ndarray) else list(v),
-                                          default=_json_default))
-            for f, v in attributes.items()}
+    out = {}
+    for f, vals in attributes.items():
+        vals = [_plain_value(v) for v in (vals if isinstance(vals, np.ndarray) else list(vals))]
+        try:
+            out[str(f)] = json.loads(json.dumps(vals, default=_json_default))
+        except (TypeError, ValueError):
+            for i, v in enumerate(vals):
+                try:
+                    json.dumps(v, default=_json_default)
+                except (TypeError, ValueError):
+                    raise ValueError(f"attribute {str(f)!r}, item {i}: value {v!r} must be str "
+                                     "or int, or a list / set of them") from None
+            raise
+    return out

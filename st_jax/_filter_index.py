@@ -249,7 +249,10 @@ def _field_pairs(name: str, values: Sequence[Any], num_items: int
                           for v in values), np.int64, num_items)
     flat = list(itertools.chain.from_iterable(
         v if isinstance(v, multi) else () if v is None else (v,) for v in values))
-    keys = list(dict.fromkeys(flat))
+    try:
+        keys = list(dict.fromkeys(flat))
+    except TypeError:                      # an unhashable value (a dict, a nested list)
+        return _field_pairs_slow(name, values)
     types = set(map(type, keys))
     if all(t is str for t in types) or all(t is int for t in types):
         ftype = "any" if not types else ("str" if str in types else "int")

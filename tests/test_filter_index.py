@@ -201,6 +201,9 @@ def test_build_types_missing_and_numpy_fast_path():
     assert got[:3].tolist() == [True, False, False]
     with pytest.raises(ValueError, match="attribute 'x' mixes str and int values"):
         build_filter_index({"x": ["a", 1]}, 2, 32)
+    for bad, name in (({"k": 1}, "dict"), ([["nested"]], "list")):       # unhashable values
+        with pytest.raises(ValueError, match=f"attribute 'x', item 1: .* not {name}"):
+            build_filter_index({"x": ["a", bad]}, 2, 32)
     with pytest.raises(ValueError, match="has 2 values, expected 3"):
         build_filter_index({"x": ["a", "b"]}, 3, 32)
     with pytest.raises(ValueError, match="multiple of 32"):

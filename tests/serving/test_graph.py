@@ -146,6 +146,12 @@ def test_request_errors(flat_retriever, tiny_model):
         r.recommend(tiny_model.dataset.user_ids[:1], k=0)
     with pytest.raises(st.FilterError, match="column"):
         r.recommend(tiny_model.dataset.user_ids[:1], filter="genres:(", k=5)
+    with pytest.raises(st.FilterError, match="got int"):
+        r.recommend(tiny_model.dataset.user_ids[:1], filter=3, k=5)
+    users = tiny_model.dataset.user_ids[:2]                     # an array of filters: one each
+    np.testing.assert_array_equal(
+        r.recommend(users, filter=np.array(["*", "decade:1990s"]), k=5).ids,
+        r.recommend(users, filter=["*", "decade:1990s"], k=5).ids)
     feats = r.host.user_features(np.array([0, 1]))
     with pytest.raises(serving.RequestError, match="missing"):
         r({k: v for k, v in list(feats.items())[1:]}, k=5)

@@ -77,6 +77,16 @@ def test_fresh_capacity_and_export_guard(tmp_path, flat_bundle, tiny_model):
     r.delete_items([ds.item_ids[0]])
     with pytest.raises(ValueError, match="compact"):
         r.export(str(tmp_path / "x"), platform="cpu", batch_sizes=(1,))
+    # attribute values: str / int or lists / sets of them; others refused, naming the item
+    one = {f: v[:1] for f, v in feats.items()}
+    for bad, match in (({"a": 1}, "not dict"), ([[1]], "not list"), ([b"x"], "list / set"),
+                       (1.5, "not float")):
+        with pytest.raises(ValueError, match=f"'genres', item 0: .*{match}"):
+            r.add_items([9100], one, {"genres": [bad]})
+    r.add_items([9100], one, {"genres": [{"set-valued", "brand-new"}]})
+    users = ds.user_ids[:2]
+    for f in ("genres:set-valued", "genres:brand-new"):
+        assert (r.recommend(users, filter=f, k=5).ids[:, 0] == 9100).all()
 
 
 _KILLED_COMPACT = """
