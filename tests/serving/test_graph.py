@@ -37,6 +37,10 @@ def reference(retriever, model, user_ids, k, k0, filters, exclude_seen=True, ran
         sets = [set(p[i][p[i] >= 0].tolist()) for p in per_task]
         cand = sorted(set.union(*sets) if merge == "union" else set.intersection(*sets))
         cand = np.array(cand, np.int64)
+        if not cand.size:                           # nothing eligible: all padding
+            out_ids.append(np.full(k, -1, np.int64))
+            out_scores.append(np.full(k, -np.inf, np.float32))
+            continue
         erow = host.row_of_pos[host.positions_of(cand)]
         emb = cache[erow][None]                                      # [1, C, D]
         if rank == "overarch":
@@ -62,13 +66,14 @@ def _assert_same(out, ref_ids, ref_scores):
 @pytest.mark.parametrize("rank", ["overarch", "retrieval"])
 def test_graph_equals_reference_flat(flat_retriever, tiny_model, rank):
     r = flat_retriever.with_options(rank=rank)
-    users = tiny_model.dataset.user_ids[:5]
+    users = tiny_model.dataset.user_ids[:6]
     genre = tiny_model.dataset.item_attributes()["genres"][0][0]
     filters = [f"genres:{genre}", "*", f"NOT genres:{genre}", "decade:1990s OR decade:1980s",
-               f"genres:{genre} AND NOT decade:1990s"]
+               f"genres:{genre} AND NOT decade:1990s", "genres:no-such-genre"]
     out = r.recommend(users, filter=filters, k=10, k0=40)
     ref_ids, ref_scores = reference(r, tiny_model, users, 10, 40, filters, rank=rank)
     _assert_same(out, ref_ids, ref_scores)
+    assert out.count[5] == 0 and (out.ids[5] == -1).all()       # matches nothing: padding
     assert (out.path == 0).all()
     att = tiny_model.dataset.item_attributes_by_id()
     for i in out.ids[0][out.ids[0] >= 0]:
