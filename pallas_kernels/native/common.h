@@ -107,7 +107,9 @@ inline void dots(const int8_t* q, const int8_t* x, int64_t n, int64_t d, int32_t
       out[r + 2] = _mm512_reduce_add_epi32(a2) - 128 * qsum;
       out[r + 3] = _mm512_reduce_add_epi32(a3) - 128 * qsum;
     }
-    for (; r < n; ++r) {
+    // the last n % 4 rows (bounded explicitly: GCC cannot bound `r < n` from the loop above
+    // and warned that a 2^62nd iteration would overflow `out`)
+    for (int t = 0; t < 3 && r < n; ++t, ++r) {
       __m512i a = _mm512_setzero_si512();
       for (int64_t c = 0; c < nc; ++c)
         a = _mm512_dpbusd_epi32(
