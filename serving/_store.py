@@ -20,12 +20,11 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import orbax.checkpoint as ocp
 
-from st_jax._atomic import write_json_atomic
+from st_jax._atomic import file_record_problem, write_file_record, write_json_atomic
 
 CURRENT = "CURRENT"
 VERSIONS = "versions"
@@ -141,63 +140,10 @@ def content_hash(arrays: Mapping[str, np.ndarray], *blobs: bytes) -> str:
     return h.hexdigest()
 
 
-FILES_SUFFIX = ".files.json"    # beside an arrays directory: its files' sizes and sha256
-
-
-def _files_under(root: str) -> list[str]:
-    """Relative paths (``/``-separated, sorted) of the regular files under ``root``."""
-    out = []
-    for d, _, names in os.walk(root):
-        rel = os.path.relpath(d, root)
-        out += [n if rel == "." else f"{rel}/{n}".replace(os.sep, "/") for n in names]
-    return sorted(out)
-
-
-def _sha256_file(path: str) -> tuple[int, str]:
-    with open(path, "rb") as f:
-        return os.fstat(f.fileno()).st_size, hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _hash_files(root: str, rels: list[str]) -> list[tuple[int, str]]:
-    """``(size, sha256 hex)`` of each file, hashed on a few threads (hashlib releases the GIL)."""
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        return list(pool.map(lambda r: _sha256_file(os.path.join(root, r)), rels))
-
-
-def file_digests(root: str) -> dict[str, list]:
-    """``{relative path: [size, sha256 hex]}`` of every file under ``root``."""
-    rels = _files_under(root)
-    return {r: [size, h] for r, (size, h) in zip(rels, _hash_files(root, rels))}
-
-
-def check_files(root: str, stated: Mapping[str, list]) -> None:
-    """Checks the files under ``root`` against :func:`file_digests`' record ``stated``.
-
-    Raises:
-      TamperedError: a file is missing, unexpected, or has another size or content.
-    """
-    have = _files_under(root)
-    missing = sorted(set(stated) - set(have))
-    extra = sorted(set(have) - set(stated))
-    changed = [r for r in have if r in stated and os.path.getsize(os.path.join(root, r))
-               != int(stated[r][0])]
-    if not (missing or extra or changed):
-        same_size = [r for r in have if r in stated]
-        changed = [r for r, (_, h) in zip(same_size, _hash_files(root, same_size))
-                   if h != stated[r][1]]
-    if missing or extra or changed:
-        what = "; ".join(f"{name}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
-                         for name, v in (("missing", missing), ("unexpected", extra),
-                                         ("changed", changed)) if v)
-        raise TamperedError(f"the files in {root!r} are not the ones written ({what}): they "
-                            "were modified, truncated or lost after writing; republish (or "
-                            "restore this version directory from a copy)")
-
-
 def save_arrays(path: str, arrays: Mapping[str, np.ndarray]) -> None:
     """Saves a flat ``{key: array}`` with Orbax (zero-size arrays, which Orbax refuses, are
     rebuilt from the manifest's table by :func:`load_arrays`), then records the size and
-    sha256 of every file Orbax wrote in ``path + FILES_SUFFIX``."""
+    sha256 of every file Orbax wrote in ``path + ".files.json"``."""
     tree = {k: np.asarray(v) for k, v in arrays.items() if np.asarray(v).size}
     ckptr = ocp.StandardCheckpointer()
     try:
@@ -205,8 +151,7 @@ def save_arrays(path: str, arrays: Mapping[str, np.ndarray]) -> None:
         ckptr.wait_until_finished()
     finally:
         ckptr.close()
-    write_json_atomic(path.rstrip("/" + os.sep) + FILES_SUFFIX,
-                      {"sha256": file_digests(path)})
+    write_file_record(path)
 
 
 def load_arrays(path: str, table: Mapping[str, list]) -> dict[str, np.ndarray]:
@@ -220,19 +165,11 @@ def load_arrays(path: str, table: Mapping[str, list]) -> dict[str, np.ndarray]:
       TamperedError: a file differs from what was written.
       StoreError: an array is missing, unexpected, or has another shape or dtype.
     """
-    record = path.rstrip("/" + os.sep) + FILES_SUFFIX
-    if os.path.exists(record):
-        try:
-            with open(record) as f:
-                stated = json.load(f)["sha256"]
-            if not isinstance(stated, dict) or not all(
-                    isinstance(v, list) and len(v) == 2 and isinstance(v[0], int)
-                    and isinstance(v[1], str) for v in stated.values()):
-                raise TypeError("'sha256' is not a {path: [size, sha256 hex]} table")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise TamperedError(f"{record!r} is unreadable ({e}); republish (or restore "
-                                "this version directory from a copy)") from None
-        check_files(path, stated)
+    problem = file_record_problem(path)
+    if problem:
+        raise TamperedError(f"the files in {path!r} are not the ones written ({problem}): they "
+                            "were modified, truncated or lost after writing; republish (or "
+                            "restore this version directory from a copy)")
     ckptr = ocp.StandardCheckpointer()
     try:
         got = dict(ckptr.restore(os.path.abspath(path)))

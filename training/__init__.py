@@ -30,18 +30,19 @@ from training._losses import overarch_loss, sampled_softmax_loss
 from training._models import (ItemTower, MLPOverArch, MoLOverArch, OverArchConfig, TowerConfig,
                               TwoTower, UserTower)
 from training._schema import FeatureError, FeatureKind, FeatureSchema, FeatureSpec
+from training._io import CorruptModelError
 from training._train import CheckpointMismatchError, ModelNotFoundError, load, train
 from training._trained import TrainedModel, fit_value_model, with_value_model
 from training._value_model import (FormulaError, FormulaNameError, FormulaSyntaxError,
                                    ValueModel, fit_value_weights)
 
 __all__ = [
-    "CheckpointMismatchError", "Csr", "DataConfig", "Dataset", "DatasetNotAvailableError",
-    "FeatureError", "FeatureKind", "FeatureSchema", "FeatureSpec", "FormulaError",
-    "FormulaNameError", "FormulaSyntaxError", "Interactions", "ItemTower", "MLPOverArch",
-    "MoLOverArch", "ModelNotFoundError", "OverArchConfig", "SyntheticConfig", "TowerConfig",
-    "TrainConfig", "TrainedModel", "TwoTower", "UnknownIdError", "UserTower", "ValueModel",
-    "auc", "evaluate", "fit_value_weights", "load", "load_dataset", "load_movielens_100k",
-    "overarch_loss", "ranking_metrics", "sampled_softmax_loss", "synthetic", "temporal_split",
-    "tiny_config", "train", "fit_value_model", "with_value_model",
+    "CheckpointMismatchError", "CorruptModelError", "Csr", "DataConfig", "Dataset",
+    "DatasetNotAvailableError", "FeatureError", "FeatureKind", "FeatureSchema", "FeatureSpec",
+    "FormulaError", "FormulaNameError", "FormulaSyntaxError", "Interactions", "ItemTower",
+    "MLPOverArch", "MoLOverArch", "ModelNotFoundError", "OverArchConfig", "SyntheticConfig",
+    "TowerConfig", "TrainConfig", "TrainedModel", "TwoTower", "UnknownIdError", "UserTower",
+    "ValueModel", "auc", "evaluate", "fit_value_weights", "load", "load_dataset",
+    "load_movielens_100k", "overarch_loss", "ranking_metrics", "sampled_softmax_loss", "synthetic",
+    "temporal_split", "tiny_config", "train", "fit_value_model", "with_value_model",
 ]

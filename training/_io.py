@@ -10,7 +10,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from st_jax._atomic import file_record_problem, record_path, write_file_record
 from st_jax._atomic import write_json_atomic  # noqa: F401  (re-exported)
+
+
+class CorruptModelError(RuntimeError):
+    """A saved model's files are damaged, truncated or missing (retrain, or restore them)."""
 
 
 def read_json(path: str):
@@ -51,16 +56,33 @@ def unflatten(template, flat: dict) -> object:
 
 
 def save_tree(path: str, tree) -> None:
-    """Saves one pytree with Orbax (atomic: Orbax writes a temporary directory and renames)."""
+    """Saves one pytree with Orbax (atomic: Orbax writes a temporary directory and renames),
+    then records the size and sha256 of its files beside it (``path + ".files.json"``; an
+    older record is removed first, so a crash mid-way leaves no stale one)."""
+    if os.path.exists(record_path(path)):
+        os.remove(record_path(path))
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.abspath(path), flatten(tree), force=True)
     ckptr.wait_until_finished()
     ckptr.close()
+    write_file_record(path)
 
 
 def load_flat(path: str) -> dict[str, np.ndarray]:
+    """Restores a tree saved by :func:`save_tree` as ``{path string: array}``; its files are
+    checked against their record first (damaged files never reach Orbax).
+
+    Raises:
+      CorruptModelError: the files differ from what was saved, or Orbax cannot read them.
+    """
+    problem = file_record_problem(path)
+    if problem:
+        raise CorruptModelError(f"the model files in {path!r} are not the ones saved "
+                                f"({problem}): retrain, or restore them from a copy")
     ckptr = ocp.StandardCheckpointer()
     try:
         return ckptr.restore(os.path.abspath(path))
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types for broken files
+        raise CorruptModelError(f"cannot read the model in {path!r}: {e}") from None
     finally:
         ckptr.close()

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 import training
-from training import CheckpointMismatchError, ModelNotFoundError
+from training import CheckpointMismatchError, CorruptModelError, ModelNotFoundError
 
 
 def _leaves(params):
@@ -79,6 +80,17 @@ def test_load_roundtrip_and_errors(tiny_run, tiny_dataset, tmp_path):
     np.testing.assert_array_equal(loaded.recommend([0, 1], k=5), model.recommend([0, 1], k=5))
     with pytest.raises(ModelNotFoundError, match="no trained model"):
         training.load(str(tmp_path))
+    # damaged model files: named before Orbax reads them; without the record, Orbax's failure
+    # is still a CorruptModelError
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    meta = bad / "model" / "_METADATA"
+    meta.write_bytes(meta.read_bytes()[:-1])
+    with pytest.raises(CorruptModelError, match="changed: _METADATA"):
+        training.load(str(bad))
+    (bad / "model.files.json").unlink()
+    with pytest.raises(CorruptModelError, match="cannot read the model"):
+        training.load(str(bad))
 
 
 def test_embeddings_and_pure_apply_functions(tiny_run, tiny_dataset):
