@@ -88,7 +88,7 @@ def write_file_record(root: str) -> None:
 def file_record_problem(root: str) -> str | None:
     """Checks the files under ``root`` against their record: None when they match or there is
     no record (written before records were kept), else what differs, e.g. ``"changed:
-    d/0b23..."`` or ``"record unreadable (...)"``."""
+    d/0b23..."`` or ``"its record '...' is unreadable (...)"``."""
     record = record_path(root)
     if not os.path.exists(record):
         return None
@@ -104,12 +104,18 @@ def file_record_problem(root: str) -> str | None:
     return _mismatch(root, stated)
 
 
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:                        # e.g. a dangling link: reported as changed
+        return -1
+
+
 def _mismatch(root: str, stated: Mapping[str, list]) -> str | None:
     have = _files_under(root)
     missing = sorted(set(stated) - set(have))
     extra = sorted(set(have) - set(stated))
-    changed = [r for r in have if r in stated and os.path.getsize(os.path.join(root, r))
-               != stated[r][0]]
+    changed = [r for r in have if r in stated and _size(os.path.join(root, r)) != stated[r][0]]
     if not (missing or extra or changed):
         same_size = [r for r in have if r in stated]
         changed = [r for r, (_, h) in zip(same_size, _hash_files(root, same_size))
