@@ -7,10 +7,14 @@ index and faiss ID selectors; Bloom FPR before verification vs theory.
 Synthetic catalogue (Zipf-like value frequencies): country (1 of 60), lang (1 of 40),
 genre (1-3 of 50), tags (0-15 of 200k, int), creator (1 of 100k, int), year (int, 5% missing).
 Queries: ~7 conditions each, nested AND / OR / NOT, pass rates from ~50% to ~0.01%.
+On CPU the masks are timed for ``backend="auto"`` (the native kernel, pallas_kernels.native,
+where it builds) and for the XLA path (interval bounds + while-loop verification), with the
+compile time of one filter_mask graph for each.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -22,6 +26,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
+
+from pallas_kernels import native  # noqa: E402
 
 from st_jax._filter_index import (bloom_stats, build_filter_index, filter_bounds,  # noqa: E402
                                   filter_mask)
@@ -224,18 +230,33 @@ def main():
         if M != args.main_bits:
             del fi
             continue
-        # ---- throughput at the main M
-        f_mask = jax.jit(filter_mask)
+        # ---- throughput at the main M: the CPU default (`backend="auto"`: the native
+        # kernel where it builds, pallas_kernels.native) and the XLA path (bounds + verification)
+        backends = ("auto", "xla") if jax.default_backend() == "cpu" else ("auto",)
+        f_mask = {be: jax.jit(functools.partial(filter_mask, backend=be)) for be in backends}
         f_bounds = jax.jit(lambda fi, p: filter_bounds(fi, p))
+        res["native_cpu"] = native.available() if jax.default_backend() == "cpu" else None
+        res["compile_s"] = {}
+        for be in backends:   # lowering + XLA compilation of one filter_mask (shared program)
+            t = time.perf_counter()
+            f_mask[be].lower(fi, progs[0]).compile()
+            res["compile_s"][be] = time.perf_counter() - t
+        print("compile " + " ".join(f"{be} {t:.2f}s" for be, t in res["compile_s"].items()),
+              flush=True)
         for i, (p, row, t) in enumerate(zip(progs, rows, truth)):
-            got = unpack(f_mask(fi, p), n)
-            assert (got == t).all(), f"mismatch on {QUERIES[i]}: {(got != t).sum()}"
-            ts = timeit(lambda p=p: f_mask(fi, p).block_until_ready(), args.repeat)
+            for be in backends:
+                got = unpack(f_mask[be](fi, p), n)
+                assert (got == t).all(), f"mismatch on {QUERIES[i]} ({be}): {(got != t).sum()}"
+            ts = timeit(lambda p=p: f_mask["auto"](fi, p).block_until_ready(), args.repeat)
             tb = timeit(lambda p=p: jax.block_until_ready(f_bounds(fi, p)), args.repeat)
             row |= {"st_jax_mask_s": ts, "st_jax_bounds_only_s": tb,
                     "st_jax_items_per_s": n / ts, "speedup_vs_forward": row["forward_numpy_s"] / ts,
                     "uncertain_items": unc[i], "exact": True}
-            print(f"  {QUERIES[i][:50]:50s} st_jax {ts*1e3:7.2f} ms (bounds {tb*1e3:6.2f}) "
+            if "xla" in backends:
+                row["st_jax_mask_xla_s"] = timeit(
+                    lambda p=p: f_mask["xla"](fi, p).block_until_ready(), args.repeat)
+            print(f"  {QUERIES[i][:50]:50s} st_jax {ts*1e3:7.2f} ms (xla path "
+                  f"{row.get('st_jax_mask_xla_s', float('nan'))*1e3:6.2f}, bounds {tb*1e3:6.2f}) "
                   f"fwd {row['forward_numpy_s']*1e3:7.2f} ms  x{row['speedup_vs_forward']:.1f}",
                   flush=True)
         # co-design: evaluate only the words of "probed clusters" (32 runs of 1024 items)
@@ -243,28 +264,37 @@ def main():
         W = n_pad // 32
         starts = rng.choice(W // 32, min(32, W // 32), replace=False) * 32
         wids = (starts[:, None] + np.arange(32)[None]).reshape(-1).astype(np.int32)
-        f_part = jax.jit(lambda fi, p, w: filter_mask(fi, p, word_ids=w))
-        part = []
-        for i, p in enumerate(progs):
-            got = np.asarray(f_part(fi, p, wids))
-            full = np.packbits(truth[i].tolist() + [False] * (n_pad - n),
-                               bitorder="little").view("<u4")
-            assert (got == full[wids]).all()
-            part.append(timeit(lambda p=p: f_part(fi, p, wids).block_until_ready(), args.repeat))
-        res["codesign_partial"] = {"fraction_of_items": wids.size / W, "mask_s": part,
+        full = [np.packbits(truth[i].tolist() + [False] * (n_pad - n),
+                            bitorder="little").view("<u4") for i in range(len(progs))]
+        part = {}
+        for be in backends:
+            f_part = jax.jit(lambda fi, p, w, be=be: filter_mask(fi, p, word_ids=w, backend=be))
+            part[be] = []
+            for i, p in enumerate(progs):
+                assert (np.asarray(f_part(fi, p, wids)) == full[i][wids]).all()
+                part[be].append(timeit(lambda p=p: f_part(fi, p, wids).block_until_ready(),
+                                       args.repeat))
+        res["codesign_partial"] = {"fraction_of_items": wids.size / W, "mask_s": part["auto"],
                                    "full_mask_s": [r["st_jax_mask_s"] for r in rows]}
+        if "xla" in part:
+            res["codesign_partial"]["mask_xla_s"] = part["xla"]
         print(f"partial ({wids.size / W:.1%} of words): "
-              + " ".join(f"{t*1e3:.2f}" for t in part) + " ms", flush=True)
+              + " ".join(f"{t*1e3:.2f}" for t in part["auto"]) + " ms", flush=True)
         B = args.batch
         batch = [QUERIES[i % len(QUERIES)] for i in range(B)]
         pb = compile_filter(fi, batch, B)
-        got = np.asarray(f_mask(fi, pb))
-        for b in range(B):
-            assert (unpack(got[b], n) == truth[b % len(QUERIES)]).all()
-        tb = timeit(lambda: f_mask(fi, pb).block_until_ready(), args.repeat)
-        res["batch"] = {"batch_size": B, "mask_s": tb, "per_query_s": tb / B,
-                        "forward_numpy_per_query_s": float(np.mean([fwd_t[b % len(QUERIES)] for b in range(B)]))}
-        print(f"batch {B} per-query programs: {tb*1e3:.1f} ms ({tb/B*1e3:.2f} ms/query)", flush=True)
+        res["batch"] = {"batch_size": B,
+                        "forward_numpy_per_query_s": float(np.mean(
+                            [fwd_t[b % len(QUERIES)] for b in range(B)]))}
+        for be in backends:
+            got = np.asarray(f_mask[be](fi, pb))
+            for b in range(B):
+                assert (unpack(got[b], n) == truth[b % len(QUERIES)]).all()
+            tb = timeit(lambda: f_mask[be](fi, pb).block_until_ready(), args.repeat)
+            key = "" if be == "auto" else "_xla"
+            res["batch"] |= {f"mask{key}_s": tb, f"per_query{key}_s": tb / B}
+            print(f"batch {B} per-query programs ({be}): {tb*1e3:.1f} ms "
+                  f"({tb/B*1e3:.2f} ms/query)", flush=True)
         res["memory_bytes_per_item"] = {
             "st_jax_rows": fi.nbytes()["rows"] / n,
             "st_jax_verify_lists": (fi.nbytes()["item_offsets"] + fi.nbytes()["item_terms"]) / n,

@@ -9,6 +9,10 @@ of a top-k over all scores):
   its probed blocks; exactly the twin's values, rows and tie order.
 - ``native/flat_scan_cpu.cc``: the flat filtered scan (:mod:`pallas_kernels.flat_scan`), the
   whole batch per tile of eligible rows; the exact top-k in ``lax.top_k``'s order.
+- ``native/filter_mask_cpu.cc``: the exact filter mask (``st_jax._filter_index.filter_mask``:
+  interval bounds, then each uncertain item verified against its term list), dense or on
+  selected words, in one custom call instead of XLA's large while-loop graph (compile time:
+  a filtered IVF search graph holds four of them).
 - ``native/common.h``: candidate keys, int8 dots, the work sharing over XLA's thread pool.
 
 The library is compiled with the system's C++ compiler (``$CXX``, else ``c++`` / ``g++``)
@@ -42,12 +46,15 @@ import warnings
 from pathlib import Path
 
 NATIVE_DIR = Path(__file__).with_name("native")
-SOURCES = (NATIVE_DIR / "ivf_scan_cpu.cc", NATIVE_DIR / "flat_scan_cpu.cc")
+SOURCES = (NATIVE_DIR / "ivf_scan_cpu.cc", NATIVE_DIR / "flat_scan_cpu.cc",
+           NATIVE_DIR / "filter_mask_cpu.cc")
 HEADERS = (NATIVE_DIR / "common.h",)
 IVF_SCAN_TARGET = "st_jax_ivf_scan_cpu"
 FLAT_SCAN_TARGET = "st_jax_flat_scan_cpu"
+FILTER_MASK_TARGET = "st_jax_filter_mask_cpu"
 # FFI target name -> the library's exported handler symbol
-TARGETS = {IVF_SCAN_TARGET: "StJaxIvfScan", FLAT_SCAN_TARGET: "StJaxFlatScan"}
+TARGETS = {IVF_SCAN_TARGET: "StJaxIvfScan", FLAT_SCAN_TARGET: "StJaxFlatScan",
+           FILTER_MASK_TARGET: "StJaxFilterMask"}
 CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden")
 ENV_SWITCH = "ST_JAX_NATIVE"
 # extra compiler flags, after CXXFLAGS (e.g. "-march=x86-64-v3" for a library that also runs

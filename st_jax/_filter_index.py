@@ -56,13 +56,14 @@ import json
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import filter_eval
+from pallas_kernels import filter_eval, native
+from pallas_kernels._ffi import native_cpu_primitive
 from st_jax._filter_lang import (AND, NOT, OR, TERM_BLOOM, TERM_EXACT, F, FilterError,
                                  FilterProgram, compile_filter, parse_filter)
 
@@ -468,6 +469,21 @@ def _word_ids(fi: FilterIndex, word_ids: Any) -> jax.Array | None:
     return (w[None] if w.ndim == 1 else w).astype(jnp.int32)
 
 
+def _bounds(rows, ops, rowids, lengths, wids, *, num_hashes: int, stack_depth: int,
+            backend: str):
+    """:func:`filter_bounds` on arrays: ``(lower, upper)`` with padded items and out-of-range
+    words cleared."""
+    W = rows.shape[1]
+    lo, up = filter_eval.filter_bounds(rows, ops, rowids, lengths, wids, num_hashes=num_hashes,
+                                       stack_depth=stack_depth, backend=backend)
+    if wids is None:
+        valid = rows[VALID_ROW]
+    else:
+        valid = jnp.where((wids >= 0) & (wids < W), rows[VALID_ROW][jnp.clip(wids, 0, W - 1)],
+                          jnp.uint32(0))
+    return lo & valid, up & valid
+
+
 def filter_bounds(fi: FilterIndex, prog: FilterProgram, *, word_ids: Any = None,
                   backend: str = "auto") -> tuple[jax.Array, jax.Array]:
     """Interval bounds ``lower ⊆ eligible ⊆ upper`` before verification (jittable).
@@ -476,17 +492,8 @@ def filter_bounds(fi: FilterIndex, prog: FilterProgram, *, word_ids: Any = None,
     ``word_ids`` (see :func:`filter_mask`); bits of padded items / out-of-range words are 0.
     """
     _check(fi, prog)
-    W = fi.num_words
-    wids = _word_ids(fi, word_ids)
-    lo, up = filter_eval.filter_bounds(fi.rows, prog.ops, prog.rowids, prog.lengths, wids,
-                                       num_hashes=prog.num_hashes, stack_depth=prog.stack_depth,
-                                       backend=backend)
-    if wids is None:
-        valid = fi.rows[VALID_ROW]
-    else:
-        valid = jnp.where((wids >= 0) & (wids < W), fi.rows[VALID_ROW][jnp.clip(wids, 0, W - 1)],
-                          jnp.uint32(0))
-    return lo & valid, up & valid
+    return _bounds(fi.rows, prog.ops, prog.rowids, prog.lengths, _word_ids(fi, word_ids),
+                   num_hashes=prog.num_hashes, stack_depth=prog.stack_depth, backend=backend)
 
 
 def _check(fi: FilterIndex, prog: FilterProgram) -> None:
@@ -495,23 +502,33 @@ def _check(fi: FilterIndex, prog: FilterProgram) -> None:
                           f"K={fi.schema.num_hashes}; compile it against this index")
 
 
-def _csr_contains(fi: FilterIndex, items: jax.Array, term: jax.Array) -> jax.Array:
+class _Lists(NamedTuple):
+    """What exact verification reads: the bit-sliced ``rows u32[R, W]``, each item's sorted
+    Bloom term list (``offsets i32[32 W + 1]``, ``terms i32[nnz + 1]``) and the binary
+    search's static step count (``log2(longest list) + 1``)."""
+
+    rows: jax.Array
+    offsets: jax.Array
+    terms: jax.Array
+    steps: int
+
+
+def _csr_contains(lists: _Lists, items: jax.Array, term: jax.Array) -> jax.Array:
     """Does item ``items[...]`` have Bloom term ``term[...]`` (broadcast)? -> bool.
-    Binary search in the item's sorted CSR segment, ``log2(max list) + 1`` static steps."""
-    lo = fi.item_offsets[items]
-    end = fi.item_offsets[items + 1]
+    Binary search in the item's sorted CSR segment, ``lists.steps`` static steps."""
+    lo = lists.offsets[items]
+    end = lists.offsets[items + 1]
     hi = end
-    steps = max(1, int(fi.schema.max_bloom_per_item).bit_length() + 1)
-    for _ in range(steps):
+    for _ in range(lists.steps):
         active = lo < hi
         mid = (lo + hi) // 2
-        less = fi.item_terms[mid] < term
+        less = lists.terms[mid] < term
         lo = jnp.where(active & less, mid + 1, lo)
         hi = jnp.where(active & ~less, mid, hi)
-    return (lo < end) & (fi.item_terms[lo] == term)
+    return (lo < end) & (lists.terms[lo] == term)
 
 
-def _eval_items(fi: FilterIndex, ops: jax.Array, rowids: jax.Array, terms: jax.Array,
+def _eval_items(lists: _Lists, ops: jax.Array, rowids: jax.Array, terms: jax.Array,
                 lengths: jax.Array, stack_depth: int, items: jax.Array, prog_row: jax.Array
                 ) -> jax.Array:
     """Exact evaluation of program ``prog_row[c]`` on item ``items[c]``.
@@ -532,10 +549,10 @@ def _eval_items(fi: FilterIndex, ops: jax.Array, rowids: jax.Array, terms: jax.A
     def body(p, carry):
         sp, stack = carry                                   # i32[C], bool[S, C]
         op = ops[prog_row, p]
-        exact_bit = ((fi.rows[rowids[prog_row, p, 0], word] >> bit) & 1).astype(bool)
+        exact_bit = ((lists.rows[rowids[prog_row, p, 0], word] >> bit) & 1).astype(bool)
         bloom_has = jax.lax.cond(
             jnp.any(op == TERM_BLOOM),
-            lambda: _csr_contains(fi, items, terms[prog_row, p]),
+            lambda: _csr_contains(lists, items, terms[prog_row, p]),
             lambda: jnp.zeros((C,), bool))
         t1 = stack[jnp.clip(sp - 1, 0, S - 1), cidx]
         t2 = stack[jnp.clip(sp - 2, 0, S - 1), cidx]
@@ -555,10 +572,11 @@ def _eval_items(fi: FilterIndex, ops: jax.Array, rowids: jax.Array, terms: jax.A
     return stack[0]
 
 
-def _verify(fi: FilterIndex, prog: FilterProgram, uncertain: jax.Array,
-            word_ids: jax.Array | None, capacity: int) -> jax.Array:
+def _verify(lists: _Lists, ops, rowids, terms, lengths, stack_depth: int,
+            uncertain: jax.Array, word_ids: jax.Array | None, capacity: int) -> jax.Array:
     """Exactly resolve the ``uncertain`` bits (``u32[Bo, NW]``) -> ``u32[Bo, NW]`` eligible.
 
+    ``ops, rowids, terms, lengths``: the program arrays (``Bp`` = 1 or ``Bo`` rows).
     ``word_ids`` (``i32[Bo, NW]`` or None = all words) gives each column's word in the index.
     The batch is flattened, so the work follows the total number of uncertain items, not
     ``Bo`` times the worst row. Each round: the first ``min(Bo*NW, capacity)`` non-zero
@@ -568,15 +586,12 @@ def _verify(fi: FilterIndex, prog: FilterProgram, uncertain: jax.Array,
     (``lax.while_loop``) until nothing is uncertain, so any number of uncertain items is
     resolved exactly; the cost grows with ceil(uncertain / capacity)."""
     Bo, NW = uncertain.shape
-    W = fi.num_words
+    W = lists.rows.shape[1]
     T = Bo * NW
     cw = int(min(capacity, T))
     ci = int(capacity)
-    n_pad = fi.schema.n_pad
     lanes = jnp.arange(32, dtype=jnp.uint32)
-    Bp = prog.ops.shape[0]
-    ops, rowids, terms, lengths = (jnp.asarray(prog.ops), jnp.asarray(prog.rowids),
-                                   jnp.asarray(prog.terms), jnp.asarray(prog.lengths))
+    Bp = ops.shape[0]
 
     def pack(bits):  # bool[cw, 32] -> u32[cw]
         return jnp.sum(jnp.where(bits, jnp.uint32(1) << lanes, jnp.uint32(0)), axis=-1,
@@ -598,11 +613,11 @@ def _verify(fi: FilterIndex, prog: FilterProgram, uncertain: jax.Array,
         take = bits & (rank < ci)
         dest = jnp.where(take, rank, ci)
         item = widx[:, None] * 32 + lanes.astype(jnp.int32)
-        buf = jnp.full((ci,), n_pad - 1, jnp.int32).at[dest].set(item, mode="drop")
+        buf = jnp.full((ci,), 32 * W - 1, jnp.int32).at[dest].set(item, mode="drop")
         prow = jnp.zeros((ci,), jnp.int32)
         if Bp > 1:
             prow = prow.at[dest].set(jnp.broadcast_to(row[:, None], (cw, 32)), mode="drop")
-        truth = _eval_items(fi, ops, rowids, terms, lengths, prog.stack_depth, buf, prow)
+        truth = _eval_items(lists, ops, rowids, terms, lengths, stack_depth, buf, prow)
         ok = take & truth[jnp.clip(rank, 0, ci - 1)]
         acc = acc.at[idx].set(acc[safe] | pack(ok), mode="drop")
         unc = unc.at[idx].set(words & ~pack(take), mode="drop")
@@ -611,6 +626,56 @@ def _verify(fi: FilterIndex, prog: FilterProgram, uncertain: jax.Array,
     unc0 = uncertain.reshape(-1)
     _, acc = jax.lax.while_loop(cond, body, (unc0, jnp.zeros_like(unc0)))
     return acc.reshape(Bo, NW)
+
+
+def _mask_arrays(rows, offsets, item_terms, ops, rowids, terms, lengths, word_ids, *,
+                 num_hashes: int, stack_depth: int, dense: int, max_bloom: int,
+                 verify_capacity: int, bounds_backend: str = "xla"):
+    """The exact mask on arrays (the XLA path; ``bounds_backend`` evaluates the interval
+    bounds): ``(u32[Bp, W],)`` when ``dense`` (``word_ids`` ignored), else
+    ``(u32[Bo, NW],)``. The operands and params of the native kernel's primitive."""
+    wids = None if dense else word_ids
+    lo, up = _bounds(rows, ops, rowids, lengths, wids, num_hashes=num_hashes,
+                     stack_depth=stack_depth, backend=bounds_backend)
+    if wids is not None:
+        wids = jnp.broadcast_to(wids, lo.shape)
+    lists = _Lists(rows, offsets, item_terms, max(1, int(max_bloom).bit_length() + 1))
+    return (lo | _verify(lists, ops, rowids, terms, lengths, stack_depth, up & ~lo, wids,
+                         verify_capacity),)
+
+
+def _mask_shape(rows, offsets, item_terms, ops, rowids, terms, lengths, word_ids, *, dense,
+                **_):
+    bo = ops.shape[0] if dense else max(ops.shape[0], word_ids.shape[0])
+    return [((bo, rows.shape[1] if dense else word_ids.shape[1]), jnp.uint32)]
+
+
+# On CPU: one custom call (pallas_kernels/native/filter_mask_cpu.cc) where the native library
+# is available and the program is not lowered for jax.export, else the XLA path's ops.
+_mask_cpu_p = native_cpu_primitive("st_filter_mask_cpu", native.FILTER_MASK_TARGET,
+                                   _mask_arrays, _mask_shape)
+
+
+def _mask_operands(fi: FilterIndex, prog: FilterProgram, wids):
+    dummy = jnp.zeros((1, 0), jnp.int32)
+    return ((fi.rows, fi.item_offsets.astype(jnp.int32), fi.item_terms.astype(jnp.int32),
+             prog.ops.astype(jnp.int32), prog.rowids.astype(jnp.int32),
+             prog.terms.astype(jnp.int32), prog.lengths.astype(jnp.int32),
+             dummy if wids is None else wids),
+            dict(num_hashes=prog.num_hashes, stack_depth=prog.stack_depth,
+                 dense=int(wids is None), max_bloom=int(fi.schema.max_bloom_per_item)))
+
+
+def filter_mask_native(fi: FilterIndex, prog: FilterProgram, *, word_ids: Any = None
+                       ) -> jax.Array:
+    """:func:`filter_mask` by the native CPU kernel (C++ XLA FFI handler,
+    :mod:`pallas_kernels.native`); the same bits. CPU only.
+
+    Raises:
+      pallas_kernels.native.NativeUnavailable: the library cannot be built or loaded (when
+        the program is lowered); ``backend="auto"`` then takes the XLA path instead.
+    """
+    return _filter_mask(fi, prog, word_ids=word_ids, backend="native", verify_capacity=2048)
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "verify_capacity"))
@@ -623,9 +688,12 @@ def filter_mask(fi: FilterIndex, prog: FilterProgram, *, word_ids: Any = None,
       word_ids: optional ``i32[NW]`` or ``i32[B, NW]``: evaluate only these words of the
         index (32 item rows each), e.g. the words of each query's probed IVF clusters
         (SilverTorch's filter/ANN co-design). Out-of-range ids (e.g. -1 padding) give 0.
-      backend: ``"auto"`` (Pallas kernel on GPU, XLA elsewhere) | ``"pallas"`` | ``"xla"`` |
-        ``"interpret"``.
-      verify_capacity: uncertain items verified per round and row (static).
+      backend: ``"auto"`` (chosen when lowered: the Pallas bounds kernel for CUDA; on CPU the
+        native kernel, one custom call, where it can be built and not in ``jax.export``
+        artifacts; the XLA path elsewhere) | ``"pallas"`` | ``"xla"`` | ``"interpret"``
+        (these three: the bounds by that backend, then the XLA verification).
+      verify_capacity: uncertain items verified per round and row by the XLA verification
+        (static; the native kernel verifies each uncertain word in place).
 
     Returns:
       Without ``word_ids``: ``u32[W]`` for a shared program, ``u32[B, W]`` per query; bit
@@ -633,11 +701,35 @@ def filter_mask(fi: FilterIndex, prog: FilterProgram, *, word_ids: Any = None,
       bits are 0. With ``word_ids``: ``u32[NW]`` (shared program and 1-D ``word_ids``) or
       ``u32[Bo, NW]``, column j holding word ``word_ids[.., j]``.
     """
+    return _filter_mask(fi, prog, word_ids=word_ids, backend=backend,
+                        verify_capacity=verify_capacity)
+
+
+def _filter_mask(fi, prog, *, word_ids, backend: str, verify_capacity: int):
+    if backend not in filter_eval.BACKENDS + ("native",):
+        raise ValueError(f"backend must be one of {filter_eval.BACKENDS}; got {backend!r}")
+    _check(fi, prog)
     wids = _word_ids(fi, word_ids)
-    lo, up = filter_bounds(fi, prog, word_ids=wids, backend=backend)
     if wids is not None:
-        wids = jnp.broadcast_to(wids, lo.shape)
-    out = lo | _verify(fi, prog, up & ~lo, wids, verify_capacity)
+        bp, bw = prog.ops.shape[0], wids.shape[0]
+        if bp != bw and 1 not in (bp, bw):
+            raise ValueError(f"{bp} programs vs {bw} word lists: need equal or 1")
+    operands, params = _mask_operands(fi, prog, wids)
+    params["verify_capacity"] = int(verify_capacity)
+
+    def xla_path(bounds_backend):
+        return lambda *ops: _mask_arrays(*ops, bounds_backend=bounds_backend, **params)[0]
+
+    def cpu(require_native):
+        return lambda *ops: _mask_cpu_p.bind(*ops, require_native=require_native, **params)[0]
+
+    if backend == "auto":
+        out = jax.lax.platform_dependent(*operands, cuda=xla_path("pallas"), cpu=cpu(False),
+                                         default=xla_path("xla"))
+    elif backend == "native":
+        out = cpu(True)(*operands)
+    else:
+        out = xla_path(backend)(*operands)
     shared = not prog.per_query and (word_ids is None or jnp.ndim(word_ids) == 1)
     return out[0] if shared else out
 

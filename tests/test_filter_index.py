@@ -64,7 +64,9 @@ def jit_mask():
 
     def f(fi, prog):
         traces.append(1)
-        return filter_mask(fi, prog, verify_capacity=4)  # tiny: forces many verify rounds
+        # the CPU default (the native kernel where it builds) and the XLA path, whose
+        # tiny verify_capacity forces many verification rounds
+        return filter_mask(fi, prog), filter_mask(fi, prog, backend="xla", verify_capacity=4)
 
     return jax.jit(f), traces
 
@@ -140,14 +142,14 @@ def test_exact_no_false_positives_or_negatives(fi, fi_all_bloom, jit_mask, trees
     fi = fi_all_bloom if all_bloom else fi
     filters = [to_F(t) if use_builder else to_text(t) for t in trees]
     prog = compile_filter(fi, filters, B)
-    got = unpack(f(fi, prog))
-    assert got.shape == (B, N_PAD)
-    assert not got[:, N_ITEMS:].any(), "padded items must be 0"
-    for b, t in enumerate(trees):
-        want = np.array([ref_eval(t, s) for s in SETS])
-        fp = int((got[b, :N_ITEMS] & ~want).sum())
-        fn = int((~got[b, :N_ITEMS] & want).sum())
-        assert fp == 0 and fn == 0, (to_text(t), fp, fn)
+    for got in map(unpack, f(fi, prog)):
+        assert got.shape == (B, N_PAD)
+        assert not got[:, N_ITEMS:].any(), "padded items must be 0"
+        for b, t in enumerate(trees):
+            want = np.array([ref_eval(t, s) for s in SETS])
+            fp = int((got[b, :N_ITEMS] & ~want).sum())
+            fn = int((~got[b, :N_ITEMS] & want).sum())
+            assert fp == 0 and fn == 0, (to_text(t), fp, fn)
     assert len(traces) <= 2, "a new filter must not retrigger compilation (1 per index)"
 
 
@@ -296,11 +298,12 @@ def test_selected_words_match_full_mask(fi):
     def ref(full, w):
         return np.where((w >= 0) & (w < W), full[..., np.clip(w, 0, W - 1)], 0)
 
-    full = np.asarray(filter_mask(fi, shared))
-    got = np.asarray(filter_mask(fi, shared, word_ids=w1, verify_capacity=8))
-    assert got.shape == (7,)
-    np.testing.assert_array_equal(got, ref(full, w1))
-    full = np.asarray(filter_mask(fi, per_q))
-    got = np.asarray(filter_mask(fi, per_q, word_ids=w2, verify_capacity=8))
-    assert got.shape == (2, 7)
-    np.testing.assert_array_equal(got, np.stack([ref(full[b], w2[b]) for b in range(2)]))
+    for backend in ("auto", "xla"):
+        full = np.asarray(filter_mask(fi, shared, backend=backend))
+        got = np.asarray(filter_mask(fi, shared, word_ids=w1, verify_capacity=8, backend=backend))
+        assert got.shape == (7,)
+        np.testing.assert_array_equal(got, ref(full, w1))
+        full = np.asarray(filter_mask(fi, per_q, backend=backend))
+        got = np.asarray(filter_mask(fi, per_q, word_ids=w2, verify_capacity=8, backend=backend))
+        assert got.shape == (2, 7)
+        np.testing.assert_array_equal(got, np.stack([ref(full[b], w2[b]) for b in range(2)]))
