@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import st_jax as st  # noqa: E402
+from bench._machine import cpu_model  # noqa: E402
 from st_jax._timing import interleaved_medians  # noqa: E402
 from st_jax.synthetic import clustered_catalogue, recall  # noqa: E402
 
@@ -54,21 +55,13 @@ def apply_malloc_option(args) -> bool:
 
 
 def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     dev = jax.devices()[0]
-    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": dev.platform,
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": dev.platform,
             "device": dev.device_kind, "python": platform.python_version(),
             "jax": jax.__version__, "faiss": faiss.__version__, "numpy": np.__version__}
     if dev.platform == "cpu":     # which scans backend="auto" ran (pallas_kernels/native.py)
         from pallas_kernels import native
-        info["cpu_scans"] = ("native (IVF and flat)" if native.available()
+        info["cpu_scans"] = ("native (IVF and flat scans, filter mask)" if native.available()
                              else f"xla twin ({native.unavailable_reason()})")
     return info
 

@@ -12,11 +12,10 @@ and is repeated; the median is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -25,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 
 import st_jax as st  # noqa: E402
-from pallas_kernels import native  # noqa: E402
+from bench.ann import RESULTS, machine_info, write_json  # noqa: E402
 from st_jax.synthetic import clustered_catalogue  # noqa: E402
 
 FILTER = "genre:g1 AND NOT tag:t5"
@@ -38,8 +37,7 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results", "cold_start_cpu.json"))
+    ap.add_argument("--out", type=Path, default=RESULTS / "cold_start_cpu.json")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     cat = clustered_catalogue(args.n, args.dim, num_clusters=200, num_queries=args.batch, seed=0)
@@ -73,20 +71,9 @@ def main():
                 rows.append(row)
                 print(f"{name:4s} {str(filt):26s} {be:4s} first {row['first_call_s']:6.2f} s  "
                       f"warm {row['warm_call_s'] * 1e3:7.2f} ms", flush=True)
-    res = {"params": vars(args) | {"filter": FILTER},
-           "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                       "jax_backend": jax.default_backend(),
-                       "devices": [str(d) for d in jax.devices()],
-                       "native_cpu": native.available() if jax.default_backend() == "cpu"
-                       else None},
-           "versions": {"python": sys.version.split()[0], "jax": jax.__version__,
-                        "numpy": np.__version__},
-           "results": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"                 # atomic: temporary file + rename
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json(args.out, {"benchmark": "cold_start", "machine": machine_info(),
+                          "params": vars(args) | {"filter": FILTER, "out": str(args.out)},
+                          "results": rows})
     print("wrote", args.out)
 
 

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 
+from bench._machine import cpu_model  # noqa: E402
 from pallas_kernels import native  # noqa: E402
 
 from st_jax._filter_index import (bloom_stats, build_filter_index, filter_bounds,  # noqa: E402
@@ -165,7 +166,8 @@ def main():
     print(f"catalogue: {n} items in {t_cat:.1f}s", flush=True)
     res = {"params": vars(args) | {"n_pad": n_pad, "num_hashes": 5, "queries": QUERIES},
            "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                       "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
+                       "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+                       "jax_backend": jax.default_backend(),
                        "devices": [str(d) for d in jax.devices()]},
            "versions": {"python": sys.version.split()[0], "jax": jax.__version__,
                         "numpy": np.__version__}}

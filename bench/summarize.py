@@ -216,7 +216,57 @@ def native_scan():
     return "\n".join(out)
 
 
+def filter_eval():
+    d = _load("filter.json")
+    if not d or "st_jax_mask_xla_s" not in d["queries"][0]:
+        return ""
+    p = d["params"]
+    out = [f"**Filter mask** (`bench/filter.py`, N = {p['n']:,}, Bloom M = {p['main_bits']}, "
+           f"K = {p['num_hashes']}; {_machine(d)}): ms per exact mask over every item, "
+           f"`backend=\"auto\"` (on CPU the native kernel, "
+           f"`pallas_kernels/native/filter_mask_cpu.cc`) and the XLA path (interval bounds + "
+           f"while-loop verification)", "",
+           "| filter | pass rate | items verified | auto (native) | XLA path | numpy forward index |",
+           "|---|---|---|---|---|---|"]
+    for r in d["queries"]:
+        out.append(f"| `{r['filter']}` | {r['pass_rate']:.4%} | {r['uncertain_items']:,} | "
+                   f"{r['st_jax_mask_s'] * 1e3:.2f} | {r['st_jax_mask_xla_s'] * 1e3:.2f} | "
+                   f"{r['forward_numpy_s'] * 1e3:.1f} |")
+    b, c, cp = d["batch"], d["compile_s"], d["codesign_partial"]
+    out += ["", f"A batch of {b['batch_size']} per-query programs: {b['mask_s'] * 1e3:.1f} ms "
+            f"(XLA path {b['mask_xla_s'] * 1e3:.1f} ms). Only the probed words "
+            f"({cp['fraction_of_items']:.1%} of the index): "
+            f"{min(cp['mask_s']) * 1e3:.2f}–{max(cp['mask_s']) * 1e3:.2f} ms (XLA path "
+            f"{min(cp['mask_xla_s']) * 1e3:.2f}–{max(cp['mask_xla_s']) * 1e3:.2f}). Compiling "
+            f"one mask graph: {c['auto']:.2f} s (XLA path {c['xla']:.2f} s)."]
+    return "\n".join(out)
+
+
+def cold_start():
+    d = _load("cold_start_cpu.json")
+    if not d:
+        return ""
+    p = d["params"]
+    out = [f"**Cold start** (`bench/cold_start.py`: first `st.search` call after "
+           f"`jax.clear_caches()` = trace + compile + run, then a warm call; N = {p['n']:,}, "
+           f"D = {p['dim']}, B = {p['batch']}, k = {p['k']}, filter `{p['filter']}`; "
+           f"{_machine(d)})", "",
+           "| index | filter | first call, auto | first call, XLA twins | warm, auto | "
+           "warm, XLA twins |", "|---|---|---|---|---|---|"]
+    rows = {(r["index"], r["filter"], r["backend"]): r for r in d["results"]}
+    for (index, filt, be), r in rows.items():
+        if be != "auto":
+            continue
+        x = rows.get((index, filt, "xla"), {})
+        out.append(f"| {index} | {'yes' if filt else 'no'} | {r['first_call_s']:.2f} s | "
+                   f"{x.get('first_call_s', float('nan')):.2f} s | "
+                   f"{r['warm_call_s'] * 1e3:.2f} ms | "
+                   f"{x.get('warm_call_s', float('nan')) * 1e3:.2f} ms |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    for table in (ann(), filter_search(), ivf(), native_scan(), train(), serve(), server(), shard()):
+    for table in (ann(), filter_search(), ivf(), native_scan(), filter_eval(), cold_start(),
+                  train(), serve(), server(), shard()):
         if table:
             print(table + "\n")
