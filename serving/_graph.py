@@ -59,7 +59,8 @@ class GraphSpec:
       max_nprobe: widest probe a starved IVF task query may take (see ``st_jax.search``).
       merge: "union" | "intersection" of the per-task candidate sets.
       rank: "overarch" (OverArch + Value Model) | "retrieval" (exact primary-task dot product).
-      backend: kernel backend ("auto": Pallas on GPU, XLA twin on CPU).
+      backend: kernel backend ("auto": Pallas on GPU; on CPU the native kernels where they
+        build, the XLA twins in exports; see ``st_jax.search``).
       fresh_treedef / fresh_keys: rebuild the fresh store (an ``Index`` over the fresh slots,
         see ``st_jax.fresh``) from ``fresh/<key>``; None: no fresh index.
     """

@@ -446,9 +446,9 @@ def search(index: Index, queries, k: int, allow=None, *, filter=None,
         fixed sample of 256 words),
         or when another starved query of the batch needs the flat scan (which then serves
         every starved query, exactly).
-      backend: ``"auto"`` (Pallas kernels on GPU; on CPU the native C++ scans where they
-        can be built, :mod:`pallas_kernels.native`; the XLA twins elsewhere and in
-        ``jax.export`` artifacts), ``"xla"``, ``"pallas"``, ``"interpret"``.
+      backend: ``"auto"`` (Pallas kernels on GPU; on CPU the native C++ scans and filter
+        mask where they can be built, :mod:`pallas_kernels.native`; the XLA twins elsewhere
+        and in ``jax.export`` artifacts), ``"xla"``, ``"pallas"``, ``"interpret"``.
     Returns:
       :class:`SearchResult`: ``ids [B, k]`` (external ids if the index has them, else item
       positions; -1 padded), ``scores f32[B, k]`` (-inf padded), ``count i32[B] =

@@ -197,6 +197,21 @@ def test_widening_search_lowers_for_cuda(cat, index):
     assert exp.platforms == ("cuda",) and "triton" in exp.mlir_module().lower()
 
 
+def test_filtered_search_lowers_for_cuda_with_the_filter_kernel(cat):
+    """An attribute-filtered IVF search lowered for CUDA from a CPU host takes the Pallas
+    filter kernel (on the probed words) and no CPU custom call (the native filter mask)."""
+    rng = np.random.default_rng(0)
+    index = st.build_index(cat.embeddings, num_clusters=48, ivf_block=64,
+                           attributes={"g": rng.integers(0, 5, N)})
+    specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), index)
+    q = jax.ShapeDtypeStruct((4, D), jnp.float32)
+    exp = lower_for_cuda(lambda idx, q: st.search(idx, q, 10, filter="NOT g:2", nprobe=2,
+                                                  max_nprobe=8), specs, q)
+    text = exp.mlir_module()
+    assert exp.platforms == ("cuda",) and "st_filter_eval_gather" in text
+    assert "st_jax_filter_mask_cpu" not in text
+
+
 @pytest.mark.parametrize("k", [5, 200])      # 3 * 200 candidates: the CPU per-query path
 def test_rerank_scores_are_exact(cat, index, k):
     res = st.search(index, cat.queries, k, nprobe=8, rerank=3)

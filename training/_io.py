@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import jax
 import numpy as np
@@ -86,3 +87,68 @@ def load_flat(path: str) -> dict[str, np.ndarray]:
         raise CorruptModelError(f"cannot read the model in {path!r}: {e}") from None
     finally:
         ckptr.close()
+
+
+def step_item_dir(ckpt_dir: str, step: int) -> str:
+    """The folder holding step ``step``'s arrays in an Orbax ``CheckpointManager`` directory
+    (a single ``StandardSave`` item: ``<step>/default``); its file record lies beside it."""
+    return os.path.join(ckpt_dir, str(int(step)), "default")
+
+
+def save_step(mngr, ckpt_dir: str, step: int, flat: dict) -> None:
+    """Saves a training checkpoint through ``mngr`` (Orbax: temporary folder + rename), waits
+    for it and records its files (``<step>/default.files.json``, inside the step's folder, so
+    the manager's clean-up of old steps removes it too)."""
+    mngr.save(step, args=ocp.args.StandardSave(flat), force=True)
+    mngr.wait_until_finished()
+    item = step_item_dir(ckpt_dir, step)
+    if os.path.isdir(item):
+        write_file_record(item)
+
+
+def restore_latest_good(mngr, ckpt_dir: str, quarantine: str):
+    """``(step, flat arrays)`` of the newest checkpoint whose files are intact, or ``(None,
+    None)`` when there is none yet.
+
+    A newer checkpoint whose files differ from their record (or that Orbax cannot read) is
+    moved into ``quarantine`` (kept for inspection, out of the manager's way: training
+    continues from the older step and saves the later steps again, to the same values) with
+    a ``RuntimeWarning`` naming it and what is wrong.
+
+    Raises:
+      CorruptModelError: every checkpoint is damaged (nothing to resume from).
+    """
+    damaged = []
+    found = flat = None
+    for step in sorted(mngr.all_steps(), reverse=True):
+        problem = file_record_problem(step_item_dir(ckpt_dir, step))
+        if problem is None:
+            try:
+                flat = mngr.restore(step, args=ocp.args.StandardRestore())
+            except Exception as e:  # noqa: BLE001 - Orbax raises many types for broken files
+                problem = f"Orbax cannot read it: {type(e).__name__}: {str(e)[:300]}"
+        if problem is None:
+            found = step
+            break
+        damaged.append((step, problem))
+    if not damaged:
+        return found, flat
+    listing = "; ".join(f"step {s}: {p}" for s, p in damaged)
+    if found is None:
+        raise CorruptModelError(f"every checkpoint in {ckpt_dir!r} is damaged ({listing}): "
+                                f"restore them from a copy, or delete {ckpt_dir!r} to train "
+                                f"from the start")
+    os.makedirs(quarantine, exist_ok=True)
+    moved = []
+    for step, _ in damaged:
+        dst = os.path.join(quarantine, str(step))
+        n = 1
+        while os.path.exists(dst):                  # an earlier quarantine of the same step
+            dst = os.path.join(quarantine, f"{step}.{n}")
+            n += 1
+        os.replace(os.path.join(ckpt_dir, str(step)), dst)
+        moved.append(dst)
+    mngr.reload()
+    warnings.warn(f"resuming from checkpoint step {found}: newer checkpoints are damaged "
+                  f"({listing}); moved to {', '.join(moved)}", RuntimeWarning, stacklevel=3)
+    return found, flat

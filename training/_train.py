@@ -309,12 +309,13 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None,
                     f"--out directory or delete it (differences: "
                     f"{_diff(old.training_fingerprint(), config.training_fingerprint())})")
         _io.write_json_atomic(cfg_path, config.to_json())
+        ckpt_dir = os.path.abspath(os.path.join(config.out_dir, "checkpoints"))
         mngr = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(config.out_dir, "checkpoints")),
+            ckpt_dir,
             options=ocp.CheckpointManagerOptions(max_to_keep=config.max_to_keep, create=True))
-        latest = mngr.latest_step()
+        latest, flat = _io.restore_latest_good(
+            mngr, ckpt_dir, os.path.join(os.path.abspath(config.out_dir), "damaged_checkpoints"))
         if latest is not None:
-            flat = mngr.restore(latest, args=ocp.args.StandardRestore())
             tmpl = {k: v for k, v in state.items() if v is not None}
             restored = _io.unflatten(tmpl, flat)
             state.update(restored)
@@ -322,8 +323,8 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None,
 
     def save(step):
         if mngr is not None:
-            mngr.save(step, args=ocp.args.StandardSave(
-                _io.flatten({k: v for k, v in state.items() if v is not None})), force=True)
+            _io.save_step(mngr, ckpt_dir, step,
+                          _io.flatten({k: v for k, v in state.items() if v is not None}))
 
     ds_j = {"uf": {k: jnp.asarray(v) for k, v in ds.user_features.items()},
             "itf": {k: jnp.asarray(v) for k, v in ds.item_features.items()}}

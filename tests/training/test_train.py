@@ -64,6 +64,43 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_config, 
     _assert_same_params(model.params, resumed.params)
 
 
+def test_resume_skips_a_damaged_checkpoint(tmp_path, tiny_config, tiny_dataset, tiny_run):
+    """A damaged newest step checkpoint is moved aside (with a warning) and training resumes
+    from the previous one, to the same final model; with every step damaged, a
+    CorruptModelError says what to do."""
+    model, _ = tiny_run
+    cfg = tiny_config.replace(out_dir=str(tmp_path))
+
+    class Interrupted(Exception):
+        pass
+
+    def stop(step, metrics):
+        if step == 35:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        training.train(cfg, dataset=tiny_dataset, callback=stop)
+    ck = tmp_path / "checkpoints"
+    assert sorted(os.listdir(ck)) == ["20", "30"]
+    assert (ck / "30" / "default.files.json").exists()
+    chunk = next(p for p in sorted((ck / "30" / "default").rglob("*"))
+                 if p.is_file() and p.parent.name == "d")
+    chunk.write_bytes(chunk.read_bytes()[:-3])                    # truncated
+    seen = []
+    with pytest.warns(RuntimeWarning, match="resuming from checkpoint step 20.*step 30: "
+                                            "changed"):
+        resumed = training.train(cfg, dataset=tiny_dataset,
+                                 callback=lambda s, m: seen.append(s))
+    assert seen[0] == 21
+    _assert_same_params(model.params, resumed.params)
+    assert os.listdir(tmp_path / "damaged_checkpoints") == ["30"]
+    # every checkpoint damaged: nothing to resume from
+    for step in os.listdir(ck):
+        (ck / step / "default" / "_METADATA").write_text("{}")
+    with pytest.raises(CorruptModelError, match="every checkpoint .* is damaged"):
+        training.train(cfg, dataset=tiny_dataset)
+
+
 def test_resume_refuses_other_config(tmp_path, tiny_config, tiny_dataset):
     cfg = tiny_config.replace(out_dir=str(tmp_path), steps=10)
     training.train(cfg.replace(overarch=cfg.overarch.__class__(kind="none")),
