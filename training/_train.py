@@ -275,6 +275,9 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None,
     Returns: the TrainedModel (also written to `out_dir/model` with `config.json`).
     Raises:
       CheckpointMismatchError: `out_dir` has checkpoints from a different configuration.
+      CorruptModelError: every step checkpoint in `out_dir` is damaged (a damaged newest one
+        is moved to `out_dir/damaged_checkpoints/` with a RuntimeWarning, and training
+        resumes from the one before).
     """
     ds = dataset if dataset is not None else dataset_for(config)
     vm = ValueModel.parse(config.value_formula, ds.tasks)
