@@ -637,6 +637,8 @@ def _mask_arrays(rows, offsets, item_terms, ops, rowids, terms, lengths, word_id
     wids = None if dense else word_ids
     lo, up = _bounds(rows, ops, rowids, lengths, wids, num_hashes=num_hashes,
                      stack_depth=stack_depth, backend=bounds_backend)
+    if lo.size == 0:                            # no programs or no words: nothing to verify
+        return (lo,)
     if wids is not None:
         wids = jnp.broadcast_to(wids, lo.shape)
     lists = _Lists(rows, offsets, item_terms, max(1, int(max_bloom).bit_length() + 1))

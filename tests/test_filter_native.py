@@ -130,8 +130,11 @@ def test_selected_words(fi):
 @needs_compiler
 def test_empty_word_list_and_vmap(fi):
     prog = compile_filter(fi, "tag:t3 OR kind:1")
-    got = native_mask(fi, prog, word_ids=np.zeros((3, 0), np.int32))
-    assert got.shape == (3, 0)
+    for w in (np.zeros((3, 0), np.int32), np.zeros((0,), np.int32)):
+        want = (3, 0) if w.ndim == 2 else (0,)
+        assert native_mask(fi, prog, word_ids=w).shape == want
+        assert xla(fi, prog, word_ids=w).shape == want
+        assert np.asarray(filter_mask(fi, prog, word_ids=w)).shape == want
     progs = compile_filter(fi, ["tag:t3", "NOT tag:t3"], 2)
     w = jnp.arange(40, dtype=jnp.int32)
     got = jax.vmap(lambda ww: filter_mask(fi, progs, word_ids=ww))(jnp.stack([w, w + 7]))
