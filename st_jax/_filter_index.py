@@ -474,6 +474,10 @@ def _bounds(rows, ops, rowids, lengths, wids, *, num_hashes: int, stack_depth: i
     """:func:`filter_bounds` on arrays: ``(lower, upper)`` with padded items and out-of-range
     words cleared."""
     W = rows.shape[1]
+    if W == 0:                                  # no items: every word is out of range
+        shape = (ops.shape[0], 0) if wids is None else (max(ops.shape[0], wids.shape[0]),
+                                                        wids.shape[1])
+        return jnp.zeros(shape, jnp.uint32), jnp.zeros(shape, jnp.uint32)
     lo, up = filter_eval.filter_bounds(rows, ops, rowids, lengths, wids, num_hashes=num_hashes,
                                        stack_depth=stack_depth, backend=backend)
     if wids is None:
@@ -544,7 +548,7 @@ def _eval_items(lists: _Lists, ops: jax.Array, rowids: jax.Array, terms: jax.Arr
     word, bit = items // 32, (items % 32).astype(jnp.uint32)
     slots = jnp.arange(S)[:, None]
     cidx = jnp.arange(C)
-    n_steps = jnp.max(lengths)
+    n_steps = jnp.clip(jnp.max(lengths), 0, ops.shape[1])   # (as the bounds: at most P)
 
     def body(p, carry):
         sp, stack = carry                                   # i32[C], bool[S, C]
@@ -637,7 +641,7 @@ def _mask_arrays(rows, offsets, item_terms, ops, rowids, terms, lengths, word_id
     wids = None if dense else word_ids
     lo, up = _bounds(rows, ops, rowids, lengths, wids, num_hashes=num_hashes,
                      stack_depth=stack_depth, backend=bounds_backend)
-    if lo.size == 0:                            # no programs or no words: nothing to verify
+    if lo.size == 0 or rows.shape[1] == 0:      # no programs, words or items: all zero
         return (lo,)
     if wids is not None:
         wids = jnp.broadcast_to(wids, lo.shape)

@@ -182,3 +182,24 @@ def test_unavailable_falls_back_to_the_xla_path(fi, truths, monkeypatch):
             native_mask(fi, prog)
     finally:
         jax.clear_caches()                         # later tests lower with native again
+
+
+def test_an_index_without_items_and_a_hand_made_overlong_program():
+    """W = 0 (no items): every backend gives zeros, also for word ids (all out of range).
+    A hand-made program whose length exceeds P runs P instructions on every path (the XLA
+    verification once looped `max(lengths)` times)."""
+    fi0 = build_filter_index({"tag": []}, 0, 0, bloom_bits=16, num_hashes=2)
+    prog = compile_filter(fi0, "NOT tag:a")
+    w = np.array([0, -1, 5], np.int32)
+    backends = ["xla", "auto"] + (["native"] if native._compiler() is not None else [])
+    for be in backends:
+        assert np.asarray(filter_mask(fi0, prog, backend=be)).shape == (0,)
+        np.testing.assert_array_equal(np.asarray(filter_mask(fi0, prog, word_ids=w,
+                                                             backend=be)), [0, 0, 0])
+    fi = build_filter_index({"tag": [["a"], ["b"], []] * 20}, 60, 64, bloom_bits=16,
+                            num_hashes=2, max_exact_rows=0)
+    prog = compile_filter(fi, "NOT tag:a")
+    long = dataclasses.replace(prog, lengths=jnp.full_like(jnp.asarray(prog.lengths), 2**31 - 1))
+    want = np.asarray(filter_mask(fi, prog, backend="xla"))
+    for be in backends:
+        np.testing.assert_array_equal(np.asarray(filter_mask(fi, long, backend=be)), want)

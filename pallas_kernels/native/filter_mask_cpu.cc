@@ -229,12 +229,16 @@ ffi::Error FilterMask(ffi::ThreadPool pool, ffi::Buffer<ffi::U32, 2> rows,
         terms.dimensions()[1] != P || lengths.dimensions()[0] != Bp)
       return bad("ops, rowids, terms and lengths disagree on the program batch / length");
     if (num_hashes < 1 || num_hashes > KP) return bad("num_hashes must be in [1, KP]");
-    if (stack_depth < 1) return bad("stack_depth must be >= 1");
+    if (stack_depth < 1 || stack_depth > (1 << 16)) return bad("stack_depth must be in [1, 65536]");
     if (offsets.dimensions()[0] != 32 * W + 1)
       return bad("item_offsets must have 32 W + 1 entries");
     if ((Bp != Bo && Bp != 1) || (Bw != Bo && Bw != 1))
       return bad("programs and word lists: equal batches or one of them 1");
     if (outd[0] != Bo || outd[1] != NW) return bad("output shape does not agree");
+    if (W == 0) {  // no items: nothing to load (out-of-range word ids give 0 anyway)
+      std::fill(out->typed_data(), out->typed_data() + Bo * NW, 0u);
+      return ffi::Error::Success();
+    }
     const int32_t* o = ops.typed_data();
     const int32_t* r = rowids.typed_data();
     const int32_t* len = lengths.typed_data();
