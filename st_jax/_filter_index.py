@@ -64,6 +64,7 @@ import numpy as np
 
 from pallas_kernels import filter_eval, native
 from pallas_kernels._ffi import native_cpu_primitive
+from pallas_kernels.int8_topk import dispatch
 from st_jax._filter_lang import (AND, NOT, OR, TERM_BLOOM, TERM_EXACT, F, FilterError,
                                  FilterProgram, compile_filter, parse_filter)
 
@@ -723,19 +724,19 @@ def _filter_mask(fi, prog, *, word_ids, backend: str, verify_capacity: int):
     operands, params = _mask_operands(fi, prog, wids)
     params["verify_capacity"] = int(verify_capacity)
 
-    def xla_path(bounds_backend):
-        return lambda *ops: _mask_arrays(*ops, bounds_backend=bounds_backend, **params)[0]
+    def xla_path(*ops, bounds_backend="xla"):
+        return _mask_arrays(*ops, bounds_backend=bounds_backend, **params)[0]
 
-    def cpu(require_native):
-        return lambda *ops: _mask_cpu_p.bind(*ops, require_native=require_native, **params)[0]
+    def kernel(*ops, interpret=False):          # the Pallas bounds kernel, XLA verification
+        return xla_path(*ops, bounds_backend="interpret" if interpret else "pallas")
 
-    if backend == "auto":
-        out = jax.lax.platform_dependent(*operands, cuda=xla_path("pallas"), cpu=cpu(False),
-                                         default=xla_path("xla"))
-    elif backend == "native":
-        out = cpu(True)(*operands)
+    def cpu(*ops, require_native=False):
+        return _mask_cpu_p.bind(*ops, require_native=require_native, **params)[0]
+
+    if backend == "native":
+        out = cpu(*operands, require_native=True)
     else:
-        out = xla_path(backend)(*operands)
+        out = dispatch(backend, operands, twin=xla_path, kernel=kernel, cpu=cpu)
     shared = not prog.per_query and (word_ids is None or jnp.ndim(word_ids) == 1)
     return out[0] if shared else out
 
