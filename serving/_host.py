@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from st_jax._filter_lang import Expr, FilterError, compile_filter, parse_filter, Const
+from st_jax._filter_lang import compile_filter, matches_everything, split_filters
 
 DEFAULT_BUCKETS = (1, 8, 32, 128)
 MIN_EXCLUDE = 16
@@ -76,13 +76,6 @@ def check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
     if not bs or bs[0] < 1:
         raise ValueError(f"batch buckets must be positive ints; got {buckets!r}")
     return bs
-
-
-def _matches_everything(f) -> bool:
-    try:
-        return parse_filter(f) == Const(True)
-    except FilterError:
-        return False
 
 
 class HostSide:
@@ -213,16 +206,12 @@ class HostSide:
     # --- one bucket's inputs ---------------------------------------------------------------
     def filters_for(self, filter, b: int) -> list | None:
         """Normalises ``filter`` to a list of B filters, or None when nothing is filtered."""
-        if filter is None or isinstance(filter, (str, Expr)):
-            fl = [filter] * b
-        elif isinstance(filter, (list, tuple, np.ndarray)):
-            fl = list(filter)
-            if len(fl) != b:
-                raise RequestError(f"got {len(fl)} filters for {b} users")
-        else:
-            raise FilterError("filter must be a str, an F expression, None, or a list of them "
-                              f"(one per user); got {type(filter).__name__}")
-        if all(f is None or _matches_everything(f) for f in fl):
+        fl, per_user = split_filters(filter)          # FilterError: not a filter or a list
+        if not per_user:
+            fl = fl * b
+        elif len(fl) != b:
+            raise RequestError(f"got {len(fl)} filters for {b} users")
+        if not fl or matches_everything(fl):           # no users, or all match everything
             return None
         if self.filter_schema is None:
             raise RequestError("this bundle was published without item attributes: "

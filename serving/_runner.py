@@ -42,7 +42,8 @@ class Runner:
         Args:
           user_features: ``{field: [B, ...]}`` per the model's user schema.
           filter: None, one filter (text in the filter language or an ``st.F`` expression)
-            for every user, or a list of B filters. A new filter never recompiles.
+            for every user, or a list / tuple / 1-D numpy array of B filters. A new filter
+            never recompiles.
           k: results per user; k0: candidates per task (default: the bundle's).
           exclude: optional list of B sequences of item ids never to return (e.g. seen items).
         Returns:

@@ -420,6 +420,40 @@ def parse_filter(text: FilterLike) -> Expr:
     return _Parser(text).parse()
 
 
+def split_filters(filter: Any) -> tuple[list[FilterLike], bool]:
+    """``filter`` -> ``(filters, per_query)``: one filter shared by the batch (``None``, a
+    str, an ``F`` expression) as a one-element list with ``per_query`` False, or one filter
+    per query (a list, a tuple or a 1-D numpy array of them) as a list with ``per_query``
+    True. Checks the container only; each filter is checked when parsed.
+
+    Raises:
+      FilterError: anything else (a set or a generator has no query order, a number is no
+        filter).
+    """
+    if filter is None or isinstance(filter, (str, Expr)):
+        return [filter], False
+    if isinstance(filter, (list, tuple)) or (isinstance(filter, np.ndarray) and filter.ndim == 1):
+        return list(filter), True
+    raise FilterError("filter must be a string, an st.F expression, None, or a list of them "
+                      f"(one per query); got {type(filter).__name__}"
+                      + (f" of shape {filter.shape}" if isinstance(filter, np.ndarray) else ""))
+
+
+def matches_everything(filter: Any) -> bool:
+    """True when ``filter`` (shared or one per query) keeps every item: ``None``, blank,
+    ``*`` or ``F.all()`` everywhere, so no mask is needed. False for an empty list and for
+    text with a syntax error (left to :func:`compile_filter`, which reports the column).
+
+    Raises:
+      FilterError: ``filter`` is not a filter or a sequence of them (see :func:`split_filters`).
+    """
+    filters, _ = split_filters(filter)
+    try:
+        return bool(filters) and all(parse_filter(f) == Const(True) for f in filters)
+    except FilterError:
+        return False
+
+
 # ----------------------------------------------------------------------------- program
 
 NOP, TERM_EXACT, TERM_BLOOM, AND, OR, NOT = 0, 1, 2, 3, 4, 5
@@ -628,7 +662,7 @@ def compile_filter(schema: Any, filter: FilterLike | Sequence[FilterLike],
     Args:
       schema: a ``FilterIndex`` or its ``FilterSchema``.
       filter: one filter (str, ``F`` expression or ``None``) shared by the batch, or a
-        sequence of ``batch_size`` filters, one per query.
+        list / tuple / 1-D numpy array of ``batch_size`` filters, one per query.
       batch_size: required length of a per-query sequence (checked); ignored for one filter.
       max_len: P, instructions per program (power of two; fixed -> no recompilation).
       stack_depth: S, evaluation stack slots (8 covers any program of <= 128 instructions).
@@ -637,21 +671,21 @@ def compile_filter(schema: Any, filter: FilterLike | Sequence[FilterLike],
       ``FilterProgram`` with ``Bp = 1`` (shared) or ``Bp = batch_size`` (per query).
 
     Raises:
-      FilterError: syntax error, unknown field, wrong value type, or program too large.
+      FilterError: syntax error, unknown field, wrong value type, program too large, or
+        ``filter`` neither a filter nor a sequence of them.
     """
     schema = getattr(schema, "schema", schema)
     if max_len < 1 or max_len & (max_len - 1):
         raise FilterError(f"max_len must be a power of two, got {max_len}")
-    per_query = not (filter is None or isinstance(filter, (str, Expr)))
+    filters, per_query = split_filters(filter)
     if per_query:
-        filters = list(filter)  # type: ignore[arg-type]
         if batch_size is not None and len(filters) != batch_size:
             raise FilterError(f"got {len(filters)} filters for a batch of {batch_size} queries")
         if not filters:
             raise FilterError("empty list of filters")
         labels = [f"filter {i}" for i in range(len(filters))]
     else:
-        filters, labels = [filter], [""]
+        labels = [""]
     K = int(schema.num_hashes)
     KP = 1 << max(0, (K - 1).bit_length())
     Bp = len(filters)

@@ -12,7 +12,7 @@ from pallas_kernels._select import popcount_rows, top_k
 from pallas_kernels.flat_scan import flat_topk
 from pallas_kernels.int8_topk import BACKENDS, MAX_K, NEG_INF, pack_mask
 from st_jax._filter_index import compile_filter, filter_mask
-from st_jax._filter_lang import Const, Expr, FilterError, parse_filter
+from st_jax._filter_lang import matches_everything
 from st_jax import _compiled
 from st_jax._index import Index
 from pallas_kernels.ivf_scan import ivf_topk
@@ -53,22 +53,6 @@ def eligibility_words(index: Index, allow, batch: int) -> jax.Array | None:
 # words of the index on which a filter program's pass rate is estimated for the widening
 # test (8192 items: about +-3.5 % relative at a 10 % pass rate)
 _RATE_SAMPLE_WORDS = 256
-
-
-def _matches_everything(filter) -> bool:
-    """True for ``*`` / empty / ``F.all()`` (shared or for every query): no mask needed.
-    Syntax errors are left to ``compile_filter``, which reports them with the column."""
-    if isinstance(filter, (str, Expr)):
-        filters = [filter]
-    elif isinstance(filter, (list, tuple)):
-        filters = list(filter)
-    else:
-        raise FilterError(f"filter must be a string, an st.F expression, or a list of them "
-                          f"(one per query); got {type(filter).__name__}")
-    try:
-        return bool(filters) and all(parse_filter(f) == Const(True) for f in filters)
-    except FilterError:
-        return False
 
 
 def _popcount_rows(words, batch):
@@ -367,7 +351,7 @@ def check_max_nprobe(ivf, nprobe: int, max_nprobe) -> int:
 def filter_program(filters, filter, batch: int):
     """Compiles ``filter`` for a batch against a ``FilterIndex`` / ``FilterSchema`` (None when
     the filter matches everything); errors when the index has no attributes."""
-    if filter is None or _matches_everything(filter):
+    if matches_everything(filter):
         return None
     if filters is None:
         raise ValueError("filter needs an index built with attributes: "
@@ -416,7 +400,8 @@ def search(index: Index, queries, k: int, allow=None, *, filter=None,
         query (by item position), or packed words over the index rows (``u32[W]`` /
         ``u32[B, W]``, ``W = index.num_words``).
       filter: an attribute filter — a string in the filter language (see the README), an
-        ``st.F`` expression, or a list of B of them (one per query); combined with ``allow``.
+        ``st.F`` expression, or a list / tuple / 1-D numpy array of B of them (one per
+        query); combined with ``allow``.
         Exact: no false positives or negatives, NOT included. Needs ``build_index(...,
         attributes=...)``. Compiled outside jit to fixed-size arrays: a new filter does not
         recompile.

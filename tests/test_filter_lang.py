@@ -1,6 +1,7 @@
 """Filter language: parser, builder, compiler (host side, no JAX evaluation)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -111,6 +112,13 @@ def test_wrong_type_messages(tiny_index):
         compile_filter(tiny_index, ["year:2020", "x:1"], 2)
     with pytest.raises(FilterError, match="got 1 filters for a batch of 2"):
         compile_filter(tiny_index, ["year:2020"], 2)
+    for unordered in ({"year:2020", "year:2021"}, (f for f in ["year:2020"] * 2)):
+        with pytest.raises(FilterError, match="one per query"):    # no query order
+            compile_filter(tiny_index, unordered, 2)
+    arr = compile_filter(tiny_index, np.array(["year:2020", "NOT year:2021"]), 2)
+    lst = compile_filter(tiny_index, ["year:2020", "NOT year:2021"], 2)
+    for name in ("ops", "rowids", "terms", "lengths"):
+        np.testing.assert_array_equal(getattr(arr, name), getattr(lst, name))
 
 
 def test_program_size_limit(tiny_index):

@@ -68,9 +68,21 @@ def test_filter_errors(indexes):
         st.search(flat, Q, 3, filter=["country:c0"] * (B + 1))
     with pytest.raises(ValueError, match="attributes"):
         st.search(st.build_index(EMB), Q, 3, filter="country:c0")
-    for bad in (3, 2.5, {"country:c0"}):
+    for bad in (3, 2.5, {"country:c0"}, (f for f in ["country:c0"] * B),
+                np.array([["country:c0"] * B])):
         with pytest.raises(st.FilterError, match="a string, an st.F expression"):
             st.search(flat, Q, 3, filter=bad)
+
+
+def test_filters_as_a_numpy_array(indexes):
+    """A 1-D numpy array of filters is one per query, as a list is (the serving API takes
+    the same)."""
+    flat, ivf = indexes
+    fl = [("country:c0" if i % 2 else "NOT tag:t0") for i in range(B)]
+    for index in (flat, ivf):
+        a = st.search(index, Q, K, filter=np.array(fl))
+        b = st.search(index, Q, K, filter=fl)
+        np.testing.assert_array_equal(np.asarray(a.ids), np.asarray(b.ids))
 
 
 def test_match_everything_filters_skip_the_mask(indexes):
