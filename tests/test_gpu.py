@@ -87,6 +87,13 @@ def test_filter_kernel_equals_twin():
     a = filter_mask(fi, prog, backend="pallas")
     b = filter_mask(fi, prog, backend="xla")
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # "auto" (the CUDA branch of the platform dispatch) on all words and on selected words
+    # (the probed words of an IVF search; -1 padding and out-of-range ids give 0)
+    np.testing.assert_array_equal(np.asarray(filter_mask(fi, prog)), np.asarray(b))
+    words = rng.integers(-1, fi.rows.shape[1] + 2, (4, 300)).astype(np.int32)
+    np.testing.assert_array_equal(
+        np.asarray(filter_mask(fi, prog, word_ids=words)),
+        np.asarray(filter_mask(fi, prog, word_ids=words, backend="xla")))
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +120,9 @@ def test_search_kernels_equal_twins(catalogue, kind, filt, p):
     kw = {} if kind == "flat" else {"nprobe": 16}
     outs = [st.search(index, cat.queries, 100, allow, filter=filt, backend=be, **kw)
             for be in ("pallas", "xla")]
+    if filt is not None:          # "auto": the filter mask through the platform dispatch
+        auto = st.search(index, cat.queries, 100, allow, filter=filt, **kw)
+        np.testing.assert_array_equal(np.asarray(auto.ids), np.asarray(outs[0].ids))
     np.testing.assert_array_equal(np.asarray(outs[0].path), np.asarray(outs[1].path))
     np.testing.assert_array_equal(np.asarray(outs[0].count), np.asarray(outs[1].count))
     ids_match((outs[0].scores, outs[0].ids), _np((outs[1].scores, outs[1].ids)))
