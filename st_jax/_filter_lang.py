@@ -200,13 +200,30 @@ class _FBuilder:
     def __call__(self, name: str) -> _Field:
         return _Field(name)
 
-    @staticmethod
-    def all() -> Expr:
-        return Const(True)
+    @property
+    def all(self) -> "_ConstField":
+        """``F.all()``: every item; ``F.all == v``: the field named ``all``."""
+        return _ConstField("all", True)
 
-    @staticmethod
-    def none() -> Expr:
-        return Const(False)
+    @property
+    def none(self) -> "_ConstField":
+        """``F.none()``: no item; ``F.none == v``: the field named ``none``."""
+        return _ConstField("none", False)
+
+
+class _ConstField(_Field):
+    """``F.all`` / ``F.none``: called, the constant filter (every item / none); compared,
+    the attribute of that name like any other field (``F.none == 3`` is a term, never
+    Python's ``False``, which ``&`` and ``|`` would take as a constant)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, name: str, value: bool):
+        super().__init__(name)
+        self._value = value
+
+    def __call__(self) -> Expr:
+        return Const(self._value)
 
 
 F = _FBuilder()

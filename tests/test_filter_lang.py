@@ -66,6 +66,15 @@ def test_builder_matches_text():
     assert (F("year") != 2020) == Not(Term("year", 2020))
 
 
+def test_fields_named_all_and_none():
+    """``F.all()`` / ``F.none()`` are the constants; compared, ``F.all`` / ``F.none`` are the
+    fields of those names (was Python's False, silently taken as a constant by ``&``)."""
+    assert F.all() == Const(True) and F.none() == Const(False)
+    assert (F.none == 3) == Term("none", 3)
+    assert ((F.none == "1") & (F.all != "x")) == parse_filter('none:1 AND NOT all:x')
+    assert F.all.isin(["1", "2"]) == parse_filter("all IN (1, 2)")
+
+
 @pytest.mark.parametrize("text, col, words", [
     ("a:1 AND", 8, "expected a term"),
     ("a:1 b:2", 5, "expected AND, OR"),
