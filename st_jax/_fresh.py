@@ -57,7 +57,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from pallas_kernels._select import top_k
 from pallas_kernels.int8_topk import NEG_INF, pack_mask, padded_rows
@@ -68,8 +67,8 @@ from st_jax._filter_lang import TERM_BLOOM, TERM_EXACT
 from st_jax._index import CACHE_DTYPES, Index, build_index
 from st_jax._quant import quantize_int8
 from st_jax import _compiled
-from st_jax._search import (_search_core, check_max_nprobe, check_min_eligible_factor,
-                            check_options, check_queries, eligibility_words,
+from st_jax._search import (_search_core, allow_array, check_max_nprobe,
+                            check_min_eligible_factor, check_options, check_queries, eligibility_words,
                             empty_result, filter_program, float_scores)
 from st_jax._types import Int8Matrix, _static, pytree_dataclass
 
@@ -801,7 +800,7 @@ def compile_fresh_filter(fresh: FreshIndex, filter, batch_size: int | None = Non
 def _fresh_allow_words(store: Index, capacity: int, allow, batch: int):
     if allow is None:
         return None
-    a = jnp.asarray(allow)
+    a = jnp.asarray(allow_array(allow, "fresh_allow"))
     cp, w = store.num_rows, store.num_words
     if a.dtype == jnp.bool_:
         if a.shape[-1:] not in ((cp,), (capacity,)) or a.shape[:-1] not in ((), (batch,)):
@@ -893,8 +892,7 @@ def search_fresh(main: Index, fresh: FreshIndex, queries, k: int, allow=None, *,
     b = q.shape[0]
     prog = filter_program(main.filters, filter, b)
     fprog = None if prog is None else compile_fresh_filter(fresh, filter, batch_size=b)
-    allow, fresh_allow = (a if a is None or isinstance(a, jax.Array) else np.asarray(a)
-                          for a in (allow, fresh_allow))
+    allow, fresh_allow = allow_array(allow), allow_array(fresh_allow, "fresh_allow")
     if b == 0:                  # no queries: empty results (allow still checked)
         eligibility_words(main, allow, 0)
         e = empty_result(main.ids, int(k))

@@ -21,6 +21,25 @@ from st_jax._types import SearchResult
 
 PATH_FLAT, PATH_IVF, PATH_FALLBACK, PATH_WIDENED = 0, 1, 2, 3
 
+def allow_array(allow, name: str = "allow"):
+    """``allow`` (None, an array or a nested list) as a jax or numpy array of checked dtype:
+    bool or uint32. Checked before any conversion to a jax array, which would narrow 64-bit
+    words to 32 bits and drop half of the items they hold.
+
+    Raises:
+      ValueError: another dtype.
+    """
+    if allow is None:
+        return None
+    if not isinstance(allow, jax.Array):
+        allow = np.asarray(allow)
+    if allow.dtype not in (np.dtype(bool), np.dtype(np.uint32)):
+        raise ValueError(f"{name} must be a bool mask or packed uint32 words; got dtype "
+                         f"{allow.dtype} (a 0/1 mask: .astype(bool); packed words: 32 items "
+                         "per uint32 word)")
+    return allow
+
+
 def eligibility_words(index: Index, allow, batch: int) -> jax.Array | None:
     """Normalises ``allow`` to eligibility words over the index's rows.
 
@@ -33,7 +52,7 @@ def eligibility_words(index: Index, allow, batch: int) -> jax.Array | None:
     """
     if allow is None:
         return None
-    a = jnp.asarray(allow)
+    a = jnp.asarray(allow_array(allow))
     n, w = index.num_items, index.num_words
     if a.dtype == jnp.bool_:
         if a.shape not in ((n,), (batch, n)):
@@ -450,8 +469,7 @@ def search(index: Index, queries, k: int, allow=None, *, filter=None,
     nprobe = check_options(backend, k, index.ivf, nprobe, index.cache, rerank)
     q = check_queries(queries, index.dim)
     prog = filter_program(index.filters, filter, q.shape[0])
-    if allow is not None and not isinstance(allow, jax.Array):
-        allow = np.asarray(allow)
+    allow = allow_array(allow)
     return _compiled.call(_search_jit, index, q, allow, prog, k=int(k), nprobe=int(nprobe),
                           rerank=int(rerank or 0),
                           min_eligible_factor=check_min_eligible_factor(min_eligible_factor),

@@ -66,8 +66,8 @@ from st_jax._filter_index import FilterIndex, filter_mask, segment_positions
 from st_jax._index import Index
 from st_jax._ivf import IVF
 from st_jax import _compiled
-from st_jax._search import (_int8_candidates, check_max_nprobe, check_min_eligible_factor,
-                            check_options, check_queries, empty_result,
+from st_jax._search import (_int8_candidates, allow_array, check_max_nprobe,
+                            check_min_eligible_factor, check_options, check_queries, empty_result,
                             exclusion_words, filter_program, float_scores)
 from st_jax._types import Int8Matrix, SearchResult, _static, pytree_dataclass
 
@@ -329,7 +329,7 @@ def _allow_words(sidx: ShardedIndex, allow, batch: int):
     """``allow`` -> ``u32[S * W_local]`` / ``u32[B, S * W_local]`` (or None)."""
     if allow is None:
         return None
-    a = jnp.asarray(allow)
+    a = jnp.asarray(allow_array(allow))
     n, total, s = sidx.num_items, sidx.codes.shape[0], sidx.num_shards
     if a.dtype == jnp.bool_:
         if a.shape not in ((n,), (batch, n)):

@@ -169,3 +169,26 @@ def test_empty_batch_gives_empty_results(rng):
         assert res.ids.shape == res.source.shape == (0, 5)
         mesh = jax.sharding.Mesh(np.array(jax.devices()), ("items",))
         assert st.sharded_search(st.shard_index(index, mesh), q0, 5).ids.shape == (0, 5)
+
+
+def test_allow_of_another_dtype_is_refused_before_narrowing(rng):
+    """64-bit words (or a 0/1 int mask) are an error naming the dtype on every entry point,
+    checked before jax narrows them to 32 bits (which dropped the upper 32 items of each
+    word)."""
+    x = clustered(rng, 1000, 16)
+    index = st.build_index(x)
+    q = x[:2]
+    w64 = np.full(index.num_words, 0xFFFFFFFF00000000, np.uint64)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("items",))
+    calls = [lambda a: st.search(index, q, 10, a),
+             lambda a: st.fresh.search_fresh(index, st.fresh.create_fresh(index, 64), q, 10, a),
+             lambda a: st.sharded_search(st.shard_index(index, mesh), q, 10, a)]
+    for call in calls:
+        for bad in (w64, np.ones(1000, np.int64)):
+            with pytest.raises(ValueError, match=f"got dtype {bad.dtype}"):
+                call(bad)
+    fresh = st.fresh.create_fresh(index, 64)
+    with pytest.raises(ValueError, match="fresh_allow must be .* got dtype uint64"):
+        st.fresh.search_fresh(index, fresh, q, 10, fresh_allow=np.zeros(2, np.uint64))
+    ok = st.search(index, q, 10, [True] * 1000)                 # a list of bools is a mask
+    assert np.asarray(ok.count).tolist() == [10, 10]
