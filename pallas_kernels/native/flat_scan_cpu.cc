@@ -17,10 +17,12 @@
 // leaves few, and a tile without one is skipped unread) are gathered once into a VNNI
 // layout (16 rows x 4 bytes per 64-byte vector, the bytes biased by 128), and every query of
 // the batch is scored against them there: blocks of 4 queries x 64 rows held in 16
-// accumulators, AVX-512 VNNI vpdpbusd (where the CPU has it; a plain loop elsewhere). Each
-// worker keeps per query a buffer of candidate keys (score bits, then row) above its running
-// threshold, cut to the best kk by nth_element when it reaches 2 kk; the workers' buffers
-// are merged per query at the end. No [B, N] temporary is written.
+// accumulators, AVX-512 VNNI vpdpbusd, where the CPU has it. Without VNNI, AVX2 (D a
+// multiple of 16): blocks of 4 queries x 2 rows read in place, the bytes sign-extended to
+// int16 and multiplied by vpmaddwd (exact), 8 dots reduced and compared at once; else a plain
+// loop row by row. Each worker keeps per query a buffer of candidate keys (score bits, then
+// row) above its running threshold, cut to the best kk by nth_element when it reaches 2 kk;
+// the workers' buffers are merged per query at the end. No [B, N] temporary is written.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -46,7 +48,9 @@ struct FlatArgs {
   int64_t nj;                   // 4-byte column groups of a row (ceil(D / 4))
   const int32_t* qw;            // [B, nj] the queries' 4-byte groups (zero padded)
   const int32_t* qsum;          // [B] sum of each query's codes
+  const int16_t* q16;           // [B, D] the queries sign-extended (the AVX2 blocks)
   bool interleave;              // the VNNI layout (else dots row by row)
+  bool blocks;                  // AVX2 without VNNI: 4 queries x 2 rows per step
   std::atomic<uint32_t>* best;  // [B] the highest worker threshold so far (ordered bits)
 };
 
@@ -204,6 +208,62 @@ void score_queries(const FlatArgs& a, Worker& w, int64_t b0, int64_t ng, int64_t
 }
 #endif
 
+#if defined(ST_AVX2) && !defined(ST_VNNI)  // AVX2: blocks of queries x rows, no layout change
+// Scores the tile's n_e rows (w.rows) against queries b0 .. b0 + nq - 1 (nq <= 4) and offers
+// the ones above the thresholds: 2 rows at a time, 4 x 2 accumulators of vpmaddwd pair sums
+// (bytes sign-extended to int16: exact), reduced to one vector of 8 dots (lane 2 qi + ri),
+// scored in the twin's order ((dot * scale) * qs) and compared with the thresholds at once.
+// Missing queries (nq < 4) and rows (an odd tail) repeat the last one, their lanes unused.
+void score_blocks(const FlatArgs& a, Worker& w, int64_t b0, int64_t nq, int64_t n_e) {
+  const int64_t D = a.D, nc = D / 16;
+  const bool check = a.M > 1;
+  const int16_t* qv[4];
+  alignas(32) float qs[8], thr[8], s[8];
+  for (int qi = 0; qi < 4; ++qi) {
+    const int64_t b = b0 + std::min<int64_t>(qi, nq - 1);
+    qv[qi] = a.q16 + b * D;
+    qs[2 * qi] = qs[2 * qi + 1] = a.qs[b];
+  }
+  const __m256 qsv = _mm256_load_ps(qs);
+  auto thresholds = [&]() {
+    for (int qi = 0; qi < 4; ++qi)
+      thr[2 * qi] = thr[2 * qi + 1] = threshold(a, w, b0 + std::min<int64_t>(qi, nq - 1));
+    return _mm256_load_ps(thr);
+  };
+  __m256 thrv = thresholds();
+  const uint32_t query_lanes = (1u << (2 * nq)) - 1;
+  for (int64_t i = 0; i < n_e; i += 2) {
+    const int32_t row0 = w.rows[i], row1 = i + 1 < n_e ? w.rows[i + 1] : row0;
+    const int8_t* x0 = a.codes + row0 * D;
+    const int8_t* x1 = a.codes + row1 * D;
+    __m256i acc[8];
+    for (int e = 0; e < 8; ++e) acc[e] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < nc; ++c) {
+      const __m256i r0 = widen16(x0 + 16 * c), r1 = widen16(x1 + 16 * c);
+      for (int qi = 0; qi < 4; ++qi) {
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qv[qi] + 16 * c));
+        acc[2 * qi] = _mm256_add_epi32(acc[2 * qi], _mm256_madd_epi16(r0, q));
+        acc[2 * qi + 1] = _mm256_add_epi32(acc[2 * qi + 1], _mm256_madd_epi16(r1, q));
+      }
+    }
+    const float s0 = a.scale[row0], s1 = a.scale[row1];
+    const __m256 v = _mm256_mul_ps(
+        _mm256_mul_ps(_mm256_cvtepi32_ps(hsum8x8(acc)), _mm256_setr_ps(s0, s1, s0, s1, s0, s1, s0, s1)),
+        qsv);
+    uint32_t hit = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, thrv, _CMP_GE_OQ)));
+    hit &= query_lanes & (i + 1 < n_e ? 0xFFu : 0x55u);
+    if (!hit) continue;
+    _mm256_store_ps(s, v);
+    while (hit) {
+      const int e = __builtin_ctz(hit);
+      hit &= hit - 1;
+      offer(a, w, b0 + e / 2, s[e], e % 2 ? row1 : row0, check);
+    }
+    thrv = thresholds();  // offers may have raised them
+  }
+}
+#endif
+
 // Scores the n_e rows of w.rows (a tile: up to kTile rows eligible for some query, in
 // ascending order) against every query of the batch.
 void score_tile(const FlatArgs& a, Worker& w, int64_t n_e) {
@@ -230,6 +290,12 @@ void score_tile(const FlatArgs& a, Worker& w, int64_t n_e) {
       case 1: score_queries<1>(a, w, b, ng, n_e, aligned); break;
       default: break;
     }
+    return;
+  }
+#endif
+#if defined(ST_AVX2) && !defined(ST_VNNI)
+  if (a.blocks) {
+    for (int64_t b = 0; b < a.B; b += 4) score_blocks(a, w, b, std::min<int64_t>(4, a.B - b), n_e);
     return;
   }
 #endif
@@ -304,13 +370,18 @@ ffi::Error FlatScan(ffi::ThreadPool pool, ffi::Buffer<ffi::S8, 2> qc, ffi::Buffe
     FlatArgs a{qc.typed_data(), qs.typed_data(), codes.typed_data(), scale.typed_data(),
                mask.typed_data(), B, D, W, M, num_valid,
                std::max<int64_t>(1, std::min<int64_t>(k, num_valid)), nj, qw.data(), qsum.data(),
-               false, nullptr};
+               nullptr, false, false, nullptr};
     std::unique_ptr<std::atomic<uint32_t>[]> best(new std::atomic<uint32_t>[B]);
     for (int64_t b = 0; b < B; ++b) best[b].store(ordered(kNegInf));
     a.best = best.get();
 #ifdef ST_VNNI
     a.interleave = B >= 4;  // fewer queries do not repay the layout change
+#elif defined(ST_AVX2)
+    a.blocks = B >= 4 && D % 16 == 0;  // (fewer queries: the AVX2 dots row by row)
 #endif
+    std::vector<int16_t> q16(a.blocks ? B * D : 0);
+    for (int64_t i = 0; i < static_cast<int64_t>(q16.size()); ++i) q16[i] = qc.typed_data()[i];
+    a.q16 = q16.data();
     const int64_t units = (num_valid + kUnit - 1) / kUnit;
     std::vector<Worker> workers(team_size(pool, units));
     for (Worker& w : workers) {

@@ -14,8 +14,9 @@
 //
 // Per query (queries spread over XLA's intra-op thread pool): every probed block with an
 // eligible item is read in place (only its eligible rows when under a quarter of them are);
-// its rows' int8 dots (AVX-512 VNNI where the CPU has it) are
-// scaled, and the eligible rows scoring at least the query's running threshold are kept in a
+// its rows' int8 dots (AVX-512 VNNI where the CPU has it, else AVX2 vpmaddwd on bytes
+// sign-extended to int16, else a plain loop; all exact) are scaled, and the eligible rows
+// scoring at least the query's running threshold are kept in a
 // buffer of integer keys (score bits, then probe position); a full buffer (2 kk) is cut to
 // its best kk by nth_element and the threshold raised to its kk-th score. No temporary the
 // size of the probe is written.
