@@ -61,7 +61,8 @@ def machine_info() -> dict:
             "jax": jax.__version__, "faiss": faiss.__version__, "numpy": np.__version__}
     if dev.platform == "cpu":     # which scans backend="auto" ran (pallas_kernels/native.py)
         from pallas_kernels import native
-        info["cpu_scans"] = ("native (IVF and flat scans, filter mask)" if native.available()
+        info["cpu_scans"] = (f"native (IVF and flat scans, filter mask; {native.isa()} dots)"
+                             if native.available()
                              else f"xla twin ({native.unavailable_reason()})")
     return info
 

@@ -230,6 +230,18 @@ def loaded_path() -> Path | None:
     return _state.get("path")
 
 
+def isa() -> str | None:
+    """The instruction set the loaded library's int8 dots use: ``"avx512-vnni"``, ``"avx2"``
+    or ``"plain C++"`` (from the build's compiler flags and CPU); None before a successful
+    load."""
+    lib = _state.get("lib")
+    if lib is None:
+        return None
+    fn = lib.StJaxNativeIsa
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
+
+
 def main(argv=None) -> int:
     """``python -m pallas_kernels.native``: builds the library now and says where it is."""
     try:
@@ -237,7 +249,7 @@ def main(argv=None) -> int:
     except NativeUnavailable as e:
         print(f"native CPU kernels unavailable, the XLA twin will be used: {e}", file=sys.stderr)
         return 0
-    print(f"native CPU kernels ready: {loaded_path()}")
+    print(f"native CPU kernels ready ({isa()} int8 dots): {loaded_path()}")
     return 0
 
 

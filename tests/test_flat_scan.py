@@ -171,7 +171,7 @@ def test_generic_build_without_vnni(tmp_path, flags):
         q, codes, scale, _ = make(rng, 40 * 64, 128, 3)
         same(ivf_topk_native(q, codes, scale, blocks, pm, k=50, block=64),
              ivf_topk_reference(q, codes, scale, blocks, pm, k=50, block=64))
-        print(native.loaded_path())
+        print(native.loaded_path(), native.isa())
     """)
     env = dict(os.environ, ST_JAX_CACHE_DIR=str(tmp_path),
                ST_JAX_NATIVE_CXXFLAGS=flags, JAX_PLATFORMS="cpu")
@@ -180,3 +180,5 @@ def test_generic_build_without_vnni(tmp_path, flags):
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert str(tmp_path) in res.stdout
+    assert res.stdout.strip().endswith({"-mno-avx512vnni -O1": "avx2",
+                                        "-mno-avx2 -O1": "plain C++"}[flags])

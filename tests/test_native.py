@@ -209,6 +209,16 @@ def test_unavailable_falls_back_to_the_twin(rng, monkeypatch):
         jax.clear_caches()                         # later tests lower with native again
 
 
+@needs_compiler
+def test_isa_follows_the_cpu():
+    """The default build (-march=native) uses the best int8 dots this CPU has."""
+    native.ensure_loaded()
+    flags = set(open("/proc/cpuinfo").read().split())
+    want = ("avx512-vnni" if {"avx512_vnni", "avx512bw"} <= flags
+            else "avx2" if "avx2" in flags else "plain C++")
+    assert native.isa() == want
+
+
 def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv(native.ENV_SWITCH, "0")

@@ -433,3 +433,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(StJaxFlatScan, FlatScan,
                                   .Attr<int64_t>("num_valid")
                                   .Ret<OutV>()
                                   .Ret<OutR>());
+
+// The instruction set of the int8 dots this library was built with (native.isa()).
+extern "C" __attribute__((visibility("default"))) const char* StJaxNativeIsa() {
+#if defined(ST_VNNI)
+  return "avx512-vnni";
+#elif defined(ST_AVX2)
+  return "avx2";
+#else
+  return "plain C++";
+#endif
+}
