@@ -45,6 +45,8 @@ def main(argv=None):
     ap.add_argument("--ks", type=int, nargs="+", default=[100, 1024])
     ap.add_argument("--nprobes", type=int, nargs="+", default=[7, 8, 10])
     ap.add_argument("--repeats", type=int, default=21)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON path (default bench/results/native_scan_<platform>.json)")
     add_malloc_option(ap)
     args = ap.parse_args(argv)
     args.malloc_tuned = apply_malloc_option(args)
@@ -95,12 +97,14 @@ def main(argv=None):
         jax.clear_caches()
 
     payload = {"benchmark": "native_scan", "machine": machine_info(),
-               "params": vars(args) | {"data": "clustered_catalogue(seed=0)", "filter": None,
-                                       "cxxflags": list(native.CXXFLAGS),
+               "params": vars(args) | {"out": str(args.out) if args.out else None,
+                                       "data": "clustered_catalogue(seed=0)", "filter": None,
+                                       "cxxflags": list(native.compiler_flags()),
+                                       "isa": native.isa(),
                                        "library": str(native.loaded_path())},
                "results": rows}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"native_scan_{jax.devices()[0].platform}.json"
+    out = args.out or RESULTS / f"native_scan_{jax.devices()[0].platform}.json"
     write_json(out, payload)
     print("wrote", out)
 
