@@ -95,6 +95,8 @@ def main(argv=None):
                     "fewer starved probes: faster, lower recall)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-hnsw", action="store_true")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON path (default bench/results/ivf_<platform>.json; the plot beside it)")
     add_malloc_option(ap)
     args = ap.parse_args(argv)
     args.malloc_tuned = apply_malloc_option(args)
@@ -202,7 +204,8 @@ def main(argv=None):
             jax.clear_caches()
 
     payload = {"benchmark": "ivf", "machine": machine_info(),
-               "params": vars(args) | {"data": "clustered_catalogue(seed=0)",
+               "params": vars(args) | {"out": str(args.out) if args.out else None,
+                                       "data": "clustered_catalogue(seed=0)",
                                        "st_jax_clusters": index.ivf.num_clusters},
                "build_seconds": builds,
                "bytes_per_item": {"st_jax": index.bytes_per_item(),
@@ -210,7 +213,7 @@ def main(argv=None):
                                   - 2 * args.dim * index.num_rows / args.items},
                "results": rows, "head_to_head": h2h}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"ivf_{jax.devices()[0].platform}.json"
+    out = args.out or RESULTS / f"ivf_{jax.devices()[0].platform}.json"
     write_json(out, payload)
     plot(rows, out.with_suffix(".png"))
     print("wrote", out)
