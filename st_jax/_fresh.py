@@ -68,8 +68,8 @@ from st_jax._index import CACHE_DTYPES, Index, build_index
 from st_jax._quant import quantize_int8
 from st_jax import _compiled
 from st_jax._search import (_search_core, allow_array, check_max_nprobe,
-                            check_min_eligible_factor, check_options, check_queries, eligibility_words,
-                            empty_result, filter_program, float_scores)
+                            check_min_eligible_factor, check_options, check_queries,
+                            eligibility_words, empty_result, filter_program, float_scores)
 from st_jax._types import Int8Matrix, _static, pytree_dataclass
 
 __all__ = ["FreshIndex", "FreshVocab", "FreshSearchResult", "IndexFullError", "UnknownIdError",
@@ -809,12 +809,11 @@ def _fresh_allow_words(store: Index, capacity: int, allow, batch: int):
                              f"got shape {a.shape}")
         a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, cp - a.shape[-1])])
         return pack_mask(a)
-    if a.dtype == jnp.uint32:
-        if a.shape not in ((w,), (batch, w)):
-            raise ValueError(f"packed fresh_allow must be u32[{w}] or u32[{batch}, {w}]; "
-                             f"got {a.shape}")
-        return a
-    raise ValueError(f"fresh_allow must be a bool mask or packed uint32 words; got {a.dtype}")
+    # packed uint32 words (allow_array refused any other dtype)
+    if a.shape not in ((w,), (batch, w)):
+        raise ValueError(f"packed fresh_allow must be u32[{w}] or u32[{batch}, {w}]; "
+                         f"got {a.shape}")
+    return a
 
 
 @functools.partial(jax.jit, static_argnames=("k", "nprobe", "rerank", "min_eligible_factor",

@@ -62,11 +62,10 @@ def eligibility_words(index: Index, allow, batch: int) -> jax.Array | None:
         else:
             a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, index.num_rows - n)])
         return pack_mask(a)
-    if a.dtype == jnp.uint32:
-        if a.shape not in ((w,), (batch, w)):
-            raise ValueError(f"packed allow must be u32[{w}] or u32[{batch}, {w}]; got {a.shape}")
-        return a
-    raise ValueError(f"allow must be a bool mask or packed uint32 words; got dtype {a.dtype}")
+    # packed uint32 words (allow_array refused any other dtype)
+    if a.shape not in ((w,), (batch, w)):
+        raise ValueError(f"packed allow must be u32[{w}] or u32[{batch}, {w}]; got {a.shape}")
+    return a
 
 
 # words of the index on which a filter program's pass rate is estimated for the widening

@@ -67,8 +67,8 @@ from st_jax._index import Index
 from st_jax._ivf import IVF
 from st_jax import _compiled
 from st_jax._search import (_int8_candidates, allow_array, check_max_nprobe,
-                            check_min_eligible_factor, check_options, check_queries, empty_result,
-                            exclusion_words, filter_program, float_scores)
+                            check_min_eligible_factor, check_options, check_queries,
+                            empty_result, exclusion_words, filter_program, float_scores)
 from st_jax._types import Int8Matrix, SearchResult, _static, pytree_dataclass
 
 __all__ = ["ShardedIndex", "shard_index", "sharded_search"]
@@ -338,17 +338,16 @@ def _allow_words(sidx: ShardedIndex, allow, batch: int):
             return pack_mask(jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, total - n)]))
         pos = sidx.row_pos
         return pack_mask(jnp.where(pos >= 0, a[..., jnp.maximum(pos, 0)], False))
-    if a.dtype == jnp.uint32:
-        w = sidx.num_rows // 32
-        if a.shape not in ((w,), (batch, w)):
-            raise ValueError(f"packed allow must be u32[{w}] or u32[{batch}, {w}] (words over "
-                             f"the source index's rows); got {a.shape}")
-        w_local = total // 32 // s
-        j = np.arange(total // 32)
-        g = _to_source(j // w_local, j % w_local, sidx.block // 32, s)
-        ok = g < w
-        return jnp.where(ok, jnp.take(a, np.where(ok, g, 0), axis=-1), jnp.uint32(0))
-    raise ValueError(f"allow must be a bool mask or packed uint32 words; got dtype {a.dtype}")
+    # packed uint32 words (allow_array refused any other dtype)
+    w = sidx.num_rows // 32
+    if a.shape not in ((w,), (batch, w)):
+        raise ValueError(f"packed allow must be u32[{w}] or u32[{batch}, {w}] (words over "
+                         f"the source index's rows); got {a.shape}")
+    w_local = total // 32 // s
+    j = np.arange(total // 32)
+    g = _to_source(j // w_local, j % w_local, sidx.block // 32, s)
+    ok = g < w
+    return jnp.where(ok, jnp.take(a, np.where(ok, g, 0), axis=-1), jnp.uint32(0))
 
 
 def _local_index(sidx: ShardedIndex, a: dict) -> Index:
